@@ -1,0 +1,216 @@
+"""Shared pieces of every attention variant: the contract, capability flags,
+head split/merge, mask builders and the KV-cache decoding step.
+
+Shape legend used in every attention file::
+
+    b  batch          n  query length      m  key length
+    h  heads          d  head_dim          D  d_model
+
+The contract (DESIGN.md, convention 1): every variant is an ``nn.Module`` with
+``forward(x: (b, n, D), padding_mask: (b, n) bool | None) -> (b, n, D)`` where
+``padding_mask`` is True at real tokens, and owns its projections. The backbone
+fills in ``d_model``, ``n_heads``, ``causal``, ``max_len`` and ``rope``; the
+variant's YAML file (``conf/attention/<name>.yaml``) sets the rest.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from attnlab.layers import RotaryEmbedding
+
+
+def resolve_head_dim(d_model: int, n_heads: int, head_dim: int | None) -> int:
+    """Return ``head_dim``, defaulting to ``d_model // n_heads``.
+
+    Raises:
+        ValueError: if a size is not positive, or ``head_dim`` is unset and
+            ``n_heads`` does not divide ``d_model``.
+    """
+    for name, value in (("d_model", d_model), ("n_heads", n_heads)):
+        if not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+    if head_dim is None:
+        if d_model % n_heads:
+            divisors = [h for h in range(1, d_model + 1) if d_model % h == 0 and h <= 64]
+            raise ValueError(
+                f"n_heads={n_heads} does not divide d_model={d_model}, and head_dim is unset. "
+                f"Pick n_heads from {divisors}, or set attention.head_dim explicitly "
+                f"(e.g. attention=fixed_head)."
+            )
+        return d_model // n_heads
+    if not isinstance(head_dim, int) or head_dim <= 0:
+        raise ValueError(f"head_dim must be a positive integer or null, got {head_dim!r}.")
+    return head_dim
+
+
+def split_heads(x: Tensor, n_heads: int) -> Tensor:
+    """``(b, n, h*d) -> (b, h, n, d)``."""
+    b, n, _ = x.shape
+    return x.view(b, n, n_heads, -1).transpose(1, 2)
+
+
+def merge_heads(x: Tensor) -> Tensor:
+    """``(b, h, n, d) -> (b, n, h*d)``."""
+    b, h, n, d = x.shape
+    return x.transpose(1, 2).reshape(b, n, h * d)
+
+
+def causal_mask(n: int, m: int | None = None, device: torch.device | None = None) -> Tensor:
+    """Boolean ``(n, m)`` mask, True where query ``i`` may attend key ``j``.
+
+    Queries are aligned to the *end* of the keys (query ``i`` sits at key
+    position ``m - n + i``), which is what a KV cache needs.
+    """
+    m = n if m is None else m
+    return torch.ones(n, m, dtype=torch.bool, device=device).tril(diagonal=m - n)
+
+
+def attention_mask(
+    padding_mask: Tensor | None, causal: bool, n: int, device: torch.device
+) -> Tensor | None:
+    """Boolean mask broadcastable to ``(b, h, n, n)``, True = may attend; None if no mask.
+
+    Padded keys are masked. With causal masking a padded *query* row might
+    have no allowed key (left padding); such rows are allowed their own
+    position so the softmax never sees an empty row (their outputs are
+    ignored downstream; real rows are unaffected since their own key is real).
+    """
+    if padding_mask is None:
+        return causal_mask(n, device=device)[None, None] if causal else None
+    keys = padding_mask[:, None, None, :]  # (b, 1, 1, n)
+    if not causal:
+        return keys
+    eye = torch.eye(n, dtype=torch.bool, device=device)
+    return (keys | eye) & causal_mask(n, device=device)  # (b, 1, n, n)
+
+
+class Attention(nn.Module):
+    """Base class of every attention variant.
+
+    Capability flags (class attributes, overridden per instance where they
+    depend on the configuration) let the backbone refuse an impossible
+    combination when the model is built (DESIGN.md, convention 2):
+
+    - ``supports_causal``: can run with ``causal=True`` (language modelling).
+    - ``supports_padding_mask``: honours ``padding_mask``.
+    - ``needs_max_len``: parameters depend on ``max_len``; longer inputs are refused.
+    - ``uses_qk``: scores come from q·k, so rotary positions (RoPE) apply.
+    - ``supports_step``: has an incremental ``init_state``/``step`` API
+      (a KV cache or a recurrent state) for O(1)-per-token generation.
+
+    ``head_mask`` (a ``(h,)`` buffer of ones) scales each head's output before
+    the heads are merged; set an entry to 0 to ablate a head (Michel et al. 2019).
+    """
+
+    supports_causal: ClassVar[bool] = True
+    supports_padding_mask: ClassVar[bool] = True
+    needs_max_len: bool = False
+    uses_qk: bool = True
+    supports_step: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        head_dim: int | None = None,
+        causal: bool = False,
+        dropout: float = 0.0,
+        max_len: int | None = None,
+        rope: bool = False,
+    ) -> None:
+        super().__init__()
+        self.head_dim = resolve_head_dim(d_model, n_heads, head_dim)
+        if not 0.0 <= float(dropout) < 1.0:
+            raise ValueError(f"attention dropout must be in [0, 1), got {dropout!r}.")
+        if max_len is not None and (not isinstance(max_len, int) or max_len <= 0):
+            raise ValueError(f"max_len must be a positive integer, got {max_len!r}.")
+        self.d_model, self.n_heads, self.causal = d_model, n_heads, bool(causal)
+        self.dropout, self.max_len = float(dropout), max_len
+        self.inner_dim = n_heads * self.head_dim
+        self.rotary = RotaryEmbedding(self.head_dim) if rope else None
+        self.register_buffer("head_mask", torch.ones(n_heads), persistent=False)
+
+    # ------------------------------------------------------------------ helpers
+    def check_length(self, n: int) -> None:
+        """Raise ValueError if ``n`` exceeds ``max_len`` for a variant that needs it."""
+        if self.needs_max_len and self.max_len is not None and n > self.max_len:
+            raise ValueError(
+                f"{type(self).__name__} was built for max_len={self.max_len} but got a "
+                f"sequence of length {n}; raise the task's max_len/context or truncate inputs."
+            )
+
+    def merge(self, out: Tensor) -> Tensor:
+        """Apply ``head_mask`` and merge heads: ``(b, h, n, d) -> (b, n, h*d)``."""
+        return merge_heads(out * self.head_mask.to(out.dtype)[None, :, None, None])
+
+    def extra_repr(self) -> str:
+        return (
+            f"d_model={self.d_model}, n_heads={self.n_heads}, head_dim={self.head_dim}, "
+            f"causal={self.causal}"
+        )
+
+    # ------------------------------------------------------- incremental decoding
+    def init_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> Any:
+        """Empty decoding state for :meth:`step` (variants with ``supports_step``)."""
+        raise NotImplementedError(f"{type(self).__name__} has no incremental step.")
+
+    def step(self, x: Tensor, state: Any, pos: int) -> tuple[Tensor, Any]:
+        """Process one token ``x: (b, 1, D)`` at position ``pos``; return ``((b, 1, D), state)``."""
+        raise NotImplementedError(f"{type(self).__name__} has no incremental step.")
+
+
+class QKVAttention(Attention):
+    """Multi-head attention with q, k, v projections ``D -> h*d`` and an output
+    projection ``h*d -> D`` (Vaswani et al. 2017, eq. 1 and section 3.2.2).
+
+    Subclasses implement :meth:`attend` on ``(b, h, n, d)`` tensors; this class
+    does the projections, RoPE and a KV cache for decoding.
+    """
+
+    supports_step = True
+
+    def __init__(self, d_model: int, n_heads: int, head_dim: int | None = None, **kw: Any) -> None:
+        super().__init__(d_model, n_heads, head_dim, **kw)
+        self.qkv = nn.Linear(d_model, 3 * self.inner_dim)
+        self.out = nn.Linear(self.inner_dim, d_model)
+
+    def project(self, x: Tensor, offset: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+        """``x: (b, n, D)`` -> q, k, v each ``(b, h, n, d)``, RoPE applied to q and k."""
+        q, k, v = (split_heads(t, self.n_heads) for t in self.qkv(x).chunk(3, dim=-1))
+        if self.rotary is not None:
+            q, k = self.rotary(q, offset), self.rotary(k, offset)
+        return q, k, v
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool) -> Tensor:
+        """Attention on heads: q ``(b, h, n, d)``, k/v ``(b, h, m, d)`` -> ``(b, h, n, d)``.
+
+        ``mask`` is a boolean mask broadcastable to ``(b, h, n, m)`` (True = attend)
+        or None; ``causal`` asks for causal masking when ``mask`` is None.
+        """
+        raise NotImplementedError
+
+    def forward(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        """``x: (b, n, D)``, ``padding_mask: (b, n)`` bool (True = real) -> ``(b, n, D)``."""
+        self.check_length(x.shape[1])
+        q, k, v = self.project(x)
+        if padding_mask is None:
+            out = self.attend(q, k, v, None, self.causal)
+        else:
+            mask = attention_mask(padding_mask, self.causal, x.shape[1], x.device)
+            out = self.attend(q, k, v, mask, False)
+        return self.out(self.merge(out))
+
+    def init_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> dict:
+        empty = torch.zeros(batch, self.n_heads, 0, self.head_dim, device=device, dtype=dtype)
+        return {"k": empty, "v": empty.clone()}
+
+    def step(self, x: Tensor, state: dict, pos: int) -> tuple[Tensor, dict]:
+        """KV-cache step: ``x: (b, 1, D)`` at position ``pos`` attends to all cached keys."""
+        q, k, v = self.project(x, offset=pos)
+        state = {"k": torch.cat([state["k"], k], dim=2), "v": torch.cat([state["v"], v], dim=2)}
+        out = self.attend(q, state["k"], state["v"], None, False)
+        return self.out(self.merge(out)), state
