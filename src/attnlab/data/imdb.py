@@ -1,0 +1,321 @@
+"""IMDb movie-review sentiment classification (Maas et al., 2011) as a Lightning data module.
+
+25,000 labelled training reviews (a seeded, stratified ``val_fraction`` of which is held out for
+validation) and 25,000 test reviews; labels 0 = negative, 1 = positive. Reviews are cleaned of
+``<br />`` tags, tokenised (see :mod:`attnlab.data.tokenization`), prefixed with ``<cls>`` and
+truncated to ``max_len`` tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+from torch.utils.data import DataLoader
+
+from attnlab.data.batching import (
+    EpochSequentialSampler,
+    LengthBucketBatchSampler,
+    TokenizedDataset,
+    collate_classification,
+)
+from attnlab.data.splits import stratified_split, stratified_subset
+from attnlab.data.tokenization import CLS_ID, PAD_ID, check_kind, get_tokenizer
+from attnlab.paths import default_cache_dir, default_data_dir
+
+log = logging.getLogger(__name__)
+
+_BR_TAG = re.compile(r"<br\s*/?>", re.IGNORECASE)
+_SPLITS = ("train", "test")
+
+
+def clean_text(text: str) -> str:
+    """Replace HTML line breaks (``<br />``, ``<br/>``, ``<br>``) with a space."""
+    return _BR_TAG.sub(" ", text)
+
+
+def find_parquet_shards(directory: str | Path) -> dict[str, list[str]] | None:
+    """``{"train": [...], "test": [...]}`` parquet shards in ``directory`` (or its ``imdb/`` or
+    ``plain_text/`` subdirectory), or ``None`` if no directory there holds both splits."""
+    base = Path(directory).expanduser()
+    for d in (base, base / "imdb", base / "plain_text"):
+        shards = {
+            s: sorted(str(p) for pat in (f"{s}-*.parquet", f"{s}.parquet") for p in d.glob(pat))
+            for s in _SPLITS
+        }
+        if all(shards.values()):
+            return shards
+    return None
+
+
+def _check_not_empty(shards: dict[str, list[str]]) -> None:
+    """Raise ``ValueError`` naming the files if a split's shards hold no rows."""
+    import pyarrow.parquet as pq
+
+    for split, files in shards.items():
+        if sum(pq.ParquetFile(f).metadata.num_rows for f in files) == 0:
+            raise ValueError(f"IMDb {split} split is empty: no rows in {', '.join(files)}")
+
+
+class IMDbDataModule(pl.LightningDataModule):
+    """IMDb reviews as ``(batch, seq)`` token ids with binary labels.
+
+    Args:
+        data_dir: directory with ``train-*.parquet`` and ``test-*.parquet`` (HF ``stanfordnlp/imdb``
+            layout). ``None``: ``default_data_dir()/imdb`` if it exists, else the hub ``hub_id``.
+        hub_id: Hugging Face dataset id used when no local directory is found.
+        tokenizer: ``"bpe"``, ``"bytes"`` or ``"word"``.
+        vocab_size: vocabulary size including the 3 special tokens; ``None`` = the tokenizer's
+            default (bpe 16000, word 50000; bytes always 256 byte values + 3 specials).
+        max_len: tokens per example including the leading ``<cls>``.
+        batch_size: training batch size; ``eval_batch_size`` (default ``2 * batch_size``) for
+            validation and test.
+        val_fraction: stratified fraction of the training reviews held out for validation.
+        seed: seeds the split, the ``limit_*`` subsets and the batch order.
+        num_workers: DataLoader worker processes.
+        limit_train, limit_val, limit_test: use a seeded stratified subset of that many examples.
+        cache_dir: where trained tokenisers are cached (``None`` = ``default_cache_dir()``).
+        bucket_size: training batches per length-sorted bucket.
+
+    After :meth:`setup`: ``vocab_size`` (int, actual vocabulary size), ``pad_id`` = 0,
+    ``cls_id`` = 2, ``num_classes`` = 2, ``tokenizer`` (a ``tokenizers.Tokenizer``),
+    ``train_idx`` / ``val_idx`` (indices into the original training split).
+
+    Batches: ``{"input_ids": LongTensor (batch, seq), "padding_mask": BoolTensor (batch, seq)``
+    (True = real token), ``"labels": LongTensor (batch,)}``, right-padded with 0.
+
+    Raises:
+        ValueError: unknown ``tokenizer`` or bad numeric arguments (at construction); labels
+            outside {0, 1} or an empty split (at setup).
+        FileNotFoundError: ``data_dir`` given but without the parquet shards.
+    """
+
+    num_classes = 2
+    pad_id = PAD_ID
+    cls_id = CLS_ID
+
+    def __init__(
+        self,
+        data_dir: str | None = None,
+        hub_id: str = "stanfordnlp/imdb",
+        tokenizer: str = "bpe",
+        vocab_size: int | None = None,
+        max_len: int = 256,
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        val_fraction: float = 0.1,
+        seed: int = 0,
+        num_workers: int = 0,
+        limit_train: int | None = None,
+        limit_val: int | None = None,
+        limit_test: int | None = None,
+        cache_dir: str | None = None,
+        bucket_size: int = 50,
+    ) -> None:
+        super().__init__()
+        self.tokenizer_kind = check_kind(tokenizer)
+        if max_len < 2:
+            raise ValueError(f"max_len={max_len} must be >= 2 (<cls> plus at least one token)")
+        if not 0.0 < val_fraction < 1.0:
+            raise ValueError(f"val_fraction={val_fraction} must be strictly between 0 and 1")
+        if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1):
+            raise ValueError("batch_size and eval_batch_size must be >= 1")
+        self.data_dir, self.hub_id = data_dir, hub_id
+        self.requested_vocab_size = vocab_size
+        self.max_len, self.batch_size = int(max_len), int(batch_size)
+        self.eval_batch_size = int(eval_batch_size or 2 * batch_size)
+        self.val_fraction, self.seed, self.num_workers = val_fraction, int(seed), num_workers
+        self.limits = {"train": limit_train, "val": limit_val, "test": limit_test}
+        for name, value in self.limits.items():
+            if value is not None and value < 1:
+                raise ValueError(f"limit_{name}={value} must be >= 1 (or None for no limit)")
+        self.cache_dir = cache_dir if cache_dir is not None else default_cache_dir()
+        self.bucket_size = bucket_size
+        self.tokenizer: Any = None
+        self.vocab_size: int | None = None
+        self.train_idx: np.ndarray | None = None
+        self.val_idx: np.ndarray | None = None
+        self.test_idx: np.ndarray | None = None
+        self._raw: dict[str, tuple[list[str], np.ndarray]] | None = None
+        self._sources: dict[str, str] = {}
+        self._datasets: dict[str, TokenizedDataset] = {}
+
+    # ------------------------------------------------------------------ loading
+    def _load_raw(self) -> dict[str, tuple[list[str], np.ndarray]]:
+        """Load both splits as (texts, labels) and validate them."""
+        if self._raw is not None:
+            return self._raw
+        import datasets
+
+        shards = self._local_shards()
+        if shards is not None:
+            log.info("loading IMDb from local parquet shards %s", shards)
+            _check_not_empty(shards)
+            try:
+                dsd = datasets.load_dataset("parquet", data_files=shards)
+            except Exception as err:
+                raise ValueError(f"cannot read IMDb parquet shards {shards}: {err}") from err
+            self._sources = {s: ", ".join(shards[s]) for s in _SPLITS}
+        else:
+            log.info("no local IMDb data found: loading %r from the Hugging Face hub", self.hub_id)
+            try:
+                dsd = datasets.load_dataset(self.hub_id)
+            except Exception as err:
+                raise FileNotFoundError(
+                    f"could not load IMDb from the hub ({self.hub_id!r}): {err}. Point to local "
+                    "parquet shards: set paths.data_dir=... or ATTNLAB_DATA_DIR (a directory "
+                    "with imdb/train-*.parquet and imdb/test-*.parquet), or run online to "
+                    "download from the hub"
+                ) from err
+            self._sources = {s: f"{self.hub_id} [{s}]" for s in _SPLITS}
+        raw = {}
+        for split in _SPLITS:
+            src = self._sources[split]
+            if split not in dsd or not {"text", "label"} <= set(dsd[split].column_names):
+                raise ValueError(
+                    f"IMDb source {src} must have a {split!r} split with columns 'text' and 'label'"
+                )
+            table = dsd[split].data.table
+            labels = np.asarray(table.column("label").to_numpy(zero_copy_only=False))
+            if len(labels) == 0:
+                raise ValueError(f"IMDb {split} split is empty in {src}")
+            bad = sorted(set(np.unique(labels).tolist()) - {0, 1})
+            if bad:
+                raise ValueError(f"IMDb {split} labels must be 0 or 1, found {bad[:5]} in {src}")
+            raw[split] = (table.column("text").to_pylist(), labels.astype(np.int64))
+        self._raw = raw
+        return raw
+
+    def _local_shards(self) -> dict[str, list[str]] | None:
+        if self.data_dir is not None:
+            shards = find_parquet_shards(self.data_dir)
+            if shards is None:
+                raise FileNotFoundError(
+                    f"IMDb data_dir {str(Path(self.data_dir).expanduser())!r} does not exist or "
+                    "has no train-*.parquet and test-*.parquet shards (also looked in its imdb/ "
+                    "and plain_text/ subdirectories). Set paths.data_dir=... or "
+                    "ATTNLAB_DATA_DIR to the directory holding imdb/, or set data_dir=null to "
+                    "run online and download from the hub"
+                )
+            return shards
+        base = default_data_dir()
+        return find_parquet_shards(Path(base) / "imdb") if base else None
+
+    # ------------------------------------------------------------------ setup
+    def _prepare_tokenizer(self) -> None:
+        """Split the training reviews and train (or load) the tokeniser on the training part."""
+        if self.tokenizer is not None:
+            return
+        texts, labels = self._load_raw()["train"]
+        train_idx, val_idx = stratified_split(labels, self.val_fraction, self._rng(0))
+        self.train_idx = stratified_subset(train_idx, labels, self.limits["train"], self._rng(1))
+        self.val_idx = stratified_subset(val_idx, labels, self.limits["val"], self._rng(2))
+        if len(self.train_idx) == 0 or len(self.val_idx) == 0:
+            raise ValueError(
+                f"IMDb split is degenerate: {len(self.train_idx)} train and "
+                f"{len(self.val_idx)} val examples (val_fraction="
+                f"{self.val_fraction}, {len(labels)} training reviews)"
+            )
+        train_texts = [clean_text(texts[i]) for i in self.train_idx]
+        self.tokenizer = get_tokenizer(
+            self.tokenizer_kind, train_texts, self.requested_vocab_size, self.cache_dir
+        )
+        self.vocab_size = int(self.tokenizer.get_vocab_size())
+
+    def _rng(self, stream: int) -> np.random.Generator:
+        """Independent generator ``stream`` of ``seed``: 0 split, 1-3 train/val/test subsets."""
+        return np.random.default_rng(np.random.SeedSequence(self.seed).spawn(stream + 1)[stream])
+
+    def _dataset(self, split: str) -> TokenizedDataset:
+        if split in self._datasets:
+            return self._datasets[split]
+        self._prepare_tokenizer()
+        raw_split = "test" if split == "test" else "train"
+        texts, labels = self._load_raw()[raw_split]
+        if split == "test":
+            self.test_idx = stratified_subset(
+                np.arange(len(labels)), labels, self.limits["test"], self._rng(3)
+            )
+        idx = {"train": self.train_idx, "val": self.val_idx, "test": self.test_idx}[split]
+        ids = self._encode_ids([texts[i] for i in idx])
+        order = None
+        if split != "train":  # evaluation: longest first, deterministic
+            lengths = np.array([len(x) for x in ids])
+            order = np.argsort(-lengths, kind="stable")
+        self._datasets[split] = TokenizedDataset(ids, labels[idx], order)
+        log.info("IMDb %s: %d examples", split, len(idx))
+        return self._datasets[split]
+
+    def _encode_ids(self, texts: list[str]) -> list[np.ndarray]:
+        n_tok = self.max_len - 1
+        cleaned = [clean_text(t) for t in texts]
+        if self.tokenizer_kind == "bytes":  # exact: every character is >= 1 byte
+            cleaned = [t[:n_tok] for t in cleaned]
+        out = []
+        for enc in self.tokenizer.encode_batch(cleaned, add_special_tokens=False):
+            ids = enc.ids[:n_tok]
+            arr = np.empty(len(ids) + 1, dtype=np.int32)
+            arr[0] = CLS_ID
+            arr[1:] = ids
+            out.append(arr)
+        return out
+
+    def prepare_data(self) -> None:
+        """Load (download) the data and train + cache the tokeniser, once per node."""
+        self._prepare_tokenizer()
+
+    def setup(self, stage: str | None = None) -> None:
+        """Split, tokenise and index. Idempotent; the test split is tokenised only for
+        ``stage`` in (``"test"``, ``None``) or on the first :meth:`test_dataloader` call."""
+        self._prepare_tokenizer()
+        if stage in (None, "fit"):
+            self._dataset("train")
+        if stage in (None, "fit", "validate"):
+            self._dataset("val")
+        if stage in (None, "test"):
+            self._dataset("test")
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of raw reviews: cleaned, ``<cls>``-prefixed, at most ``max_len`` ids."""
+        self._prepare_tokenizer()
+        return [a.tolist() for a in self._encode_ids(list(texts))]
+
+    # ------------------------------------------------------------------ loaders
+    def train_dataloader(self) -> DataLoader:
+        ds = self._dataset("train")
+        sampler = LengthBucketBatchSampler(
+            EpochSequentialSampler(len(ds)),
+            self.batch_size,
+            False,
+            lengths=ds.lengths,
+            bucket_size=self.bucket_size,
+            seed=self.seed,
+        )
+        trainer = getattr(self, "trainer", None)
+        sampler.set_epoch(trainer.current_epoch if trainer is not None else 0)
+        return DataLoader(
+            ds,
+            batch_sampler=sampler,
+            collate_fn=collate_classification,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def _eval_loader(self, split: str) -> DataLoader:
+        return DataLoader(
+            self._dataset(split),
+            batch_size=self.eval_batch_size,
+            shuffle=False,
+            collate_fn=collate_classification,
+            num_workers=self.num_workers,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader("test")

@@ -1,0 +1,90 @@
+"""``attnlab evaluate`` and ``attnlab generate``: rebuild a model from a checkpoint.
+
+A checkpoint stores the resolved run config (``attnlab_config``), so the data
+pipeline and the model are rebuilt exactly as trained.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from attnlab.tasks import TaskModule
+from attnlab.train import build_network, build_task
+
+
+def load_checkpoint(path: str | Path) -> tuple[DictConfig, dict[str, Any]]:
+    """Read a checkpoint; return its run config and the raw checkpoint dict.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: the file is not an attnlab checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"checkpoint {path} does not exist; pass ckpt=<run dir>/checkpoints/"
+            f"best.ckpt (or last.ckpt)."
+        )
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    if "attnlab_config" not in ckpt:
+        raise ValueError(f"{path} has no attnlab_config: it was not written by `attnlab train`.")
+    return OmegaConf.create(ckpt["attnlab_config"]), ckpt
+
+
+def restore_task(run_cfg: DictConfig, ckpt: dict[str, Any]) -> TaskModule:
+    """Rebuild the task module from its config and load the checkpoint's weights."""
+    model = build_network(run_cfg, int(run_cfg.vocab_size))
+    task = build_task(run_cfg, model, int(run_cfg.vocab_size))
+    task.load_state_dict(ckpt["state_dict"])
+    return task.eval()
+
+
+def evaluate(cfg: DictConfig) -> dict[str, float]:
+    """Score ``cfg.split`` (test | val) of the checkpoint's task; print and return the metrics."""
+    if cfg.split not in ("test", "val"):
+        raise ValueError(f"split={cfg.split!r} is not one of ['test', 'val'].")
+    run_cfg, ckpt = load_checkpoint(cfg.ckpt)
+    run_cfg.paths.data_dir = cfg.paths.data_dir
+    run_cfg.paths.cache_dir = cfg.paths.cache_dir
+    if cfg.get("batch_size"):
+        run_cfg.task.data.batch_size = cfg.batch_size
+    task = restore_task(run_cfg, ckpt)
+    dm = instantiate(run_cfg.task.data)
+    trainer = pl.Trainer(**{k: v for k, v in cfg.trainer.items()}, logger=False)
+    run = trainer.test if cfg.split == "test" else trainer.validate
+    metrics = {k: float(v) for k, v in run(task, datamodule=dm)[0].items()}
+    print(json.dumps({"ckpt": str(cfg.ckpt), "split": cfg.split, **metrics}, indent=2))
+    return metrics
+
+
+def generate(cfg: DictConfig) -> str:
+    """Sample ``cfg.max_new_tokens`` bytes after ``cfg.prompt``; print and return the text."""
+    run_cfg, ckpt = load_checkpoint(cfg.ckpt)
+    if run_cfg.task.kind != "lm":
+        raise ValueError(
+            f"{cfg.ckpt} is a {run_cfg.task.kind} model; generate needs a language "
+            f"model (train one with task=enwik8)."
+        )
+    task = restore_task(run_cfg, ckpt).to(cfg.device)
+    context = int(run_cfg.task.max_len)
+    prompt = str(cfg.prompt).encode("utf-8")[-context:] or b"\n"
+    ids = torch.tensor(list(prompt), dtype=torch.long, device=cfg.device)[None]
+    gen = torch.Generator(device=cfg.device).manual_seed(int(cfg.seed))
+    out = task.model.generate(
+        ids,
+        int(cfg.max_new_tokens),
+        float(cfg.temperature),
+        cfg.top_k,
+        use_cache=bool(cfg.use_cache),
+        generator=gen,
+    )
+    text = bytes(out[0, ids.shape[1] :].tolist()).decode("utf-8", errors="replace")
+    print(str(cfg.prompt) + text)
+    return text

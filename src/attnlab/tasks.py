@@ -1,0 +1,164 @@
+"""Thin LightningModules, one per task (DESIGN.md, convention 6).
+
+A task takes a built model and the optimiser settings, owns its torchmetrics
+objects per split, and logs ``train/loss``, ``val/loss``, ``val/acc`` or
+``val/bpb``, ``test/...``. It knows nothing about which attention variant runs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from attnlab.metrics import BitsPerByte
+from attnlab.optim import build_optimizer
+
+SPLITS = ("train", "val", "test")
+
+
+class TaskModule(pl.LightningModule):
+    """Shared optimiser/scheduler wiring and config-in-checkpoint.
+
+    Args:
+        model: a built :class:`~attnlab.models.SequenceClassifier` or
+            :class:`~attnlab.models.LanguageModel`.
+        optim: keyword arguments of :func:`attnlab.optim.build_optimizer`
+            (lr, weight_decay, betas, warmup_steps, min_lr_ratio).
+        run_config: the resolved run config, stored in every checkpoint so
+            ``attnlab evaluate``/``generate`` can rebuild the model.
+    """
+
+    def __init__(self, model: nn.Module, optim: dict[str, Any], run_config: dict | None = None):
+        super().__init__()
+        self.model = model
+        self.optim = dict(optim)
+        self.run_config = run_config or {}
+
+    def forward(self, *args: Any, **kwargs: Any) -> Tensor:
+        return self.model(*args, **kwargs)
+
+    def configure_optimizers(self) -> dict:
+        total = int(self.trainer.estimated_stepping_batches)
+        opt, sched = build_optimizer(self.model, total_steps=total, **self.optim)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["attnlab_config"] = self.run_config
+
+    def _log_loss(self, split: str, loss: Tensor, batch_size: int) -> None:
+        self.log(
+            f"{split}/loss",
+            loss,
+            on_step=split == "train",
+            on_epoch=split != "train",
+            prog_bar=True,
+            batch_size=batch_size,
+            sync_dist=split != "train",
+        )
+
+
+class ClassificationTask(TaskModule):
+    """Cross-entropy over class logits; accuracy per split (torchmetrics).
+
+    Batches: ``input_ids (b, n)``, ``padding_mask (b, n)`` bool, ``labels (b,)``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optim: dict[str, Any],
+        run_config: dict | None = None,
+        num_classes: int = 2,
+    ):
+        super().__init__(model, optim, run_config)
+        # keys are "<split>_acc": a ModuleDict key "train" would clash with nn.Module.train
+        self.acc = nn.ModuleDict(
+            {f"{s}_acc": MulticlassAccuracy(num_classes, average="micro") for s in SPLITS}
+        )
+
+    def _step(self, batch: dict[str, Tensor], split: str) -> Tensor:
+        logits = self.model(batch["input_ids"], batch["padding_mask"])
+        loss = F.cross_entropy(logits.float(), batch["labels"])
+        n = batch["labels"].shape[0]
+        self._log_loss(split, loss, n)
+        acc = self.acc[f"{split}_acc"]
+        acc(logits.argmax(-1), batch["labels"])
+        self.log(
+            f"{split}/acc",
+            acc,
+            on_step=False,
+            on_epoch=True,
+            prog_bar=split != "train",
+            batch_size=n,
+        )
+        return loss
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._step(batch, "test")
+
+
+class LanguageModelTask(TaskModule):
+    """Next-byte cross-entropy; bits per byte on val/test (every scored byte once).
+
+    Training batches: ``input_ids (b, n)``, ``targets (b, n)``. Evaluation batches
+    add ``loss_mask (b, n)`` marking the target positions to score (sliding window).
+    ``val/loss`` is in nats per byte; ``val/bpb`` = nats / ln 2.
+    """
+
+    def __init__(self, model: nn.Module, optim: dict[str, Any], run_config: dict | None = None):
+        super().__init__(model, optim, run_config)
+        self.bpb = nn.ModuleDict({f"{s}_bpb": BitsPerByte() for s in ("val", "test")})
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        logits = self.model(batch["input_ids"])
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), batch["targets"].flatten())
+        self._log_loss("train", loss, batch["targets"].numel())
+        return loss
+
+    def _eval_step(self, batch: dict[str, Tensor], split: str) -> None:
+        logits = self.model(batch["input_ids"])
+        nats = F.cross_entropy(
+            logits.flatten(0, 1).float(), batch["targets"].flatten(), reduction="none"
+        )
+        mask = batch["loss_mask"].flatten()
+        scored = nats[mask]
+        bpb = self.bpb[f"{split}_bpb"]
+        bpb.update(scored)
+        self._log_loss(split, scored.mean(), int(mask.sum()))
+        self.log(f"{split}/bpb", bpb, on_step=False, on_epoch=True, prog_bar=True)
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+
+TASKS: dict[str, type[TaskModule]] = {"classification": ClassificationTask, "lm": LanguageModelTask}
+
+
+def score_bytes_brute_force(
+    model: nn.Module, data: Tensor, start: int, end: int, context: int
+) -> tuple[float, int]:
+    """Reference scorer: each byte in [max(start,1), end) predicted from up to ``context``
+    preceding bytes, one forward pass per byte. Returns (total nats, bytes scored).
+    Slow; for tests of the sliding-window evaluator."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for p in range(max(start, 1), end):
+            ctx = data[max(0, p - context) : p].long()[None]
+            logp = F.log_softmax(model(ctx)[0, -1].float(), -1)
+            total -= logp[int(data[p])].item()
+            count += 1
+    return total, count
