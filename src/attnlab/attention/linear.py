@@ -58,20 +58,21 @@ def causal_linear_attention(
     e = v.shape[-1]
     size = min(chunk_size, n)
     pad = (-n) % size
+    # A ones column on v carries the normaliser: k_jᵀ [v_j, 1] = [k_j v_jᵀ, k_j], so one
+    # product gives both S and z, and one product per term gives numerator and denominator.
+    v = torch.cat([v, v.new_ones(b, h, n, 1)], dim=-1)  # (b, h, n, e+1)
     if pad:  # zero-padded keys add nothing to the sums; padded queries are dropped
         q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
     c = (n + pad) // size
     qc, kc, vc = (t.reshape(b, h, c, size, t.shape[-1]) for t in (q, k, v))  # (b, h, c, C, .)
-    # State entering each chunk: exclusive prefix sum over chunks.
-    kv = kc.transpose(-2, -1) @ vc  # (b, h, c, d, e)
+    # State [S | z] entering each chunk: exclusive prefix sum over chunks.
+    kv = kc.transpose(-2, -1) @ vc  # (b, h, c, d, e+1)
     s = torch.cumsum(kv, dim=2) - kv
-    kz = kc.sum(dim=-2)  # (b, h, c, d)
-    z = torch.cumsum(kz, dim=2) - kz
-    # Exact causal attention inside each chunk.
+    # Exact causal attention inside each chunk, plus the earlier chunks' state.
     scores = (qc @ kc.transpose(-2, -1)).tril()  # (b, h, c, C, C)
-    num = scores @ vc + qc @ s  # (b, h, c, C, e)
-    den = scores.sum(-1, keepdim=True) + (qc @ z.unsqueeze(-1)) + eps  # (b, h, c, C, 1)
-    return (num / den).reshape(b, h, c * size, e)[:, :, :n]
+    numden = scores @ vc + qc @ s  # (b, h, c, C, e+1)
+    out = numden[..., :e] / (numden[..., e:] + eps)  # (b, h, c, C, e)
+    return out.reshape(b, h, c * size, e)[:, :, :n]
 
 
 class LinearAttention(Attention):

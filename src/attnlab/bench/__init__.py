@@ -1,0 +1,137 @@
+"""``attnlab bench``: speed and memory of the attention variants, decoding and training.
+
+``run_bench(cfg)`` (cfg = ``conf/bench.yaml``) runs, in order:
+
+1. :mod:`.kernels` -- one attention layer's forward+backward time and peak memory against
+   sequence length for every ``conf/attention/*.yaml`` variant and the references
+   (``nn.MultiheadAttention``, naive materialised softmax, naive masked causal linear);
+   plus a ``chunk_size`` sweep of causal linear attention;
+2. :mod:`.generation` -- time per generated token against position;
+3. :mod:`.training` -- Lightning vs plain-loop tokens/s on the default models, bf16-mixed
+   on every variant, ``model.compile=true`` on ``compile_variants``.
+
+It writes ``bench.json`` and PNG plots into ``bench.out_dir``, prints the table of
+targets (:func:`.report.format_targets`) and returns the results dict.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from attnlab.bench import generation, kernels, report, training
+from attnlab.config import available
+
+STEP_VARIANTS = ("softmax", "linear")  # generation: KV cache vs recurrent state
+
+
+def settings(cfg: DictConfig) -> dict[str, Any]:
+    """``cfg.bench`` as a plain dict, with ``cfg.quick`` merged in when ``bench.quick``."""
+    b = OmegaConf.to_container(cfg.bench, resolve=True)
+    if b.get("quick"):
+        for section, over in OmegaConf.to_container(cfg.quick, resolve=True).items():
+            b[section].update(over)
+    return b
+
+
+def cpu_name() -> str:
+    """The CPU model name from /proc/cpuinfo (what ``lscpu`` prints), else platform's."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def attention_partials(names: list[str]) -> dict[str, Any]:
+    """``{variant: partial}`` instantiated from ``conf/attention/<variant>.yaml``."""
+    return {n: instantiate(training.compose_cfg(f"attention/{n}", []).attention) for n in names}
+
+
+def run_bench(cfg: DictConfig) -> dict[str, Any]:
+    """Run the benchmark described by ``cfg.bench``; returns (and writes) the results.
+
+    Raises:
+        ValueError: ``bench.device`` is not cpu/cuda, or cuda is asked for but absent,
+            or a listed variant has no ``conf/attention`` file.
+    """
+    b = settings(cfg)
+    if b["device"] not in ("cpu", "cuda"):
+        raise ValueError(f"bench.device must be cpu or cuda, got {b['device']!r}.")
+    if b["device"] == "cuda" and not torch.cuda.is_available():
+        raise ValueError("bench.device=cuda but torch sees no GPU; use bench.device=cpu.")
+    device = torch.device(b["device"])
+    dtype = getattr(torch, b["dtype"] or ("bfloat16" if device.type == "cuda" else "float32"))
+    names = b["attention"]["variants"] or available("attention")
+    unknown = sorted(set(names) - set(available("attention")))
+    if unknown:
+        raise ValueError(f"unknown variants {unknown}; available: {available('attention')}.")
+    out_dir = Path(b["out_dir"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(b["seed"])
+    if b["threads"]:
+        torch.set_num_threads(int(b["threads"]))
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    mmap_fixed = kernels.fixed_mmap_threshold()
+    start = time.perf_counter()
+    res: dict[str, Any] = {
+        "machine": {
+            "cpu": cpu_name(),
+            "threads": torch.get_num_threads(),
+            "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+            "torch": torch.__version__,
+        },
+        "settings": b,
+        "glibc_fixed_mmap_threshold": mmap_fixed,
+        "dtype": str(dtype),
+    }
+    partials = attention_partials(names)
+    a = b["attention"]
+    print(f"== attention fwd+bwd: batch {a['batch']}, d_model {a['d_model']}, "
+          f"{a['n_heads']} heads, {dtype}, {device}")  # fmt: skip
+    res["attention"] = kernels.sweep(partials, a, device, dtype)
+    linear_chunk = _chunk()
+    if "linear" in partials and a["linear_chunks"]:
+        lin = partial(partials["linear"], rope=False)
+        res["linear_chunks"] = kernels.chunk_sweep(lin, a, device, dtype)
+        print(f"  chunk sweep at n={a['chunk_len']}: {res['linear_chunks']}")
+    g = b["generation"]
+    if g["positions"]:
+        print("== generation: time per token")
+        gen_partials = {n: partials[n] for n in STEP_VARIANTS if n in partials}
+        res["generation"] = generation.generation(gen_partials, g)
+    t = b["training"]
+    if device.type == "cpu" and t["tasks"]:
+        print(f"== training tokens/s, Lightning vs plain loop ({t['precision']})")
+        res["training"] = training.overhead(t)
+    if t["bf16_variants"] is not False:
+        res["bf16_mixed"] = training.precision_check(t["bf16_variants"] or names)
+    if t["compile_variants"]:
+        print("== model.compile=true")
+        res["compile"] = training.compile_check(t, res.get("training", {}))
+    res["targets"] = report.targets(res, linear_chunk)
+    res["wall_time_s"] = time.perf_counter() - start
+    (out_dir / "bench.json").write_text(json.dumps(res, indent=1, default=str))
+    report.plot_attention(res["attention"], out_dir)
+    if res.get("generation"):
+        report.plot_generation(res["generation"], out_dir)
+    print(f"\n== targets ({res['machine']['cpu']}, {res['wall_time_s']:.0f} s)")
+    print(report.format_targets(res["targets"]))
+    print(f"results: {out_dir / 'bench.json'}")
+    return res
+
+
+def _chunk() -> int:
+    """The ``chunk_size`` that ``conf/attention/linear.yaml`` sets."""
+    return int(training.compose_cfg("attention/linear", []).attention.chunk_size)

@@ -1,0 +1,128 @@
+"""Targets, the printed ratio table and the plots of an ``attnlab bench`` result."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _cell(rows: list[dict], name: str, n: int, causal: bool, key: str) -> float | None:
+    for r in rows:
+        if r["name"] == name and r["n"] == n and r["causal"] == causal:
+            v = r.get(key)
+            return v if isinstance(v, float) else None
+    return None
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b not in (None, 0) else None
+
+
+def targets(res: dict[str, Any], linear_chunk: int) -> list[dict]:
+    """Each target: ``{target, value, threshold, met}`` (met None when not measured)."""
+    rows = res.get("attention", [])
+    out: list[dict] = []
+
+    def add(target: str, value: float | None, threshold: str, ok: bool | None) -> None:
+        out.append({"target": target, "value": value, "threshold": threshold, "met": ok})
+
+    for causal in (False, True):
+        v = _ratio(_cell(rows, "mha", 1024, causal, "time_s"),
+                   _cell(rows, "softmax", 1024, causal, "time_s"))  # fmt: skip
+        add(f"softmax speed / nn.MultiheadAttention, n=1024, causal={causal}", v, ">= 0.95",
+            None if v is None else v >= 0.95)  # fmt: skip
+    for key, label in (("time_s", "time"), ("mem_mb", "memory")):
+        v = _ratio(_cell(rows, "linear", 8192, True, key), _cell(rows, "linear", 1024, True, key))
+        add(f"causal linear {label} 8192 / 1024", v, "<= 10", None if v is None else v <= 10)
+    v = _ratio(_cell(rows, "naive_linear", 4096, True, "time_s"),
+               _cell(rows, "linear", 4096, True, "time_s"))  # fmt: skip
+    add("causal linear speed-up over naive masked quadratic, n=4096", v, ">= 3",
+        None if v is None else v >= 3)  # fmt: skip
+    chunks = res.get("linear_chunks", {})
+    err = chunks.get("error_vs_naive", {}).get(linear_chunk)
+    add(f"causal linear (chunk {linear_chunk}) max |diff| vs naive, fp32, n={chunks.get('n')}",
+        None if err is None else err["max_abs"], "allclose atol=rtol=1e-5",
+        None if err is None else err["allclose_1e-5"])  # fmt: skip
+    gen = res.get("generation", {})
+    lin = gen.get("linear_step", {})
+    v = _ratio(lin.get(4096), lin.get(256))
+    add(
+        "generation: linear time/token at 4096 / at 256",
+        v,
+        "<= 1.5",
+        None if v is None else v <= 1.5,
+    )
+    v = _ratio(gen.get("softmax_recompute", {}).get(1024), gen.get("softmax_step", {}).get(1024))
+    add(
+        "generation: softmax recompute / KV cache at 1024", v, ">= 5", None if v is None else v >= 5
+    )
+    for task, t in res.get("training", {}).items():
+        add(f"training {task}: Lightning overhead vs plain loop (1 - tok/s ratio)",
+            t["overhead"], "<= 0.10", t["overhead"] <= 0.10)  # fmt: skip
+    prec = res.get("bf16_mixed", {})
+    if prec:
+        bad = [k for k, v in prec.items() if not v["ok"]]
+        add(f"bf16-mixed trains every variant ({len(prec)} variant/task pairs)", float(len(bad)),
+            "0 failures", not bad)  # fmt: skip
+    for name, c in res.get("compile", {}).items():
+        v = _ratio(c.get("tokens_per_s"), c.get("eager_tokens_per_s"))
+        add(f"model.compile=true trains ({name}, enwik8): compiled/eager tok/s", v, "runs",
+            "error" not in c)  # fmt: skip
+    return out
+
+
+def format_targets(rows: list[dict]) -> str:
+    """The table ``attnlab bench`` prints (also pasted into benchmarks/README.md)."""
+    lines = ["| target | value | threshold | met |", "|---|---|---|---|"]
+    for r in rows:
+        v = "n/a" if r["value"] is None else f"{r['value']:.3g}"
+        met = {True: "met", False: "NOT met", None: "not measured"}[r["met"]]
+        lines.append(f"| {r['target']} | {v} | {r['threshold']} | {met} |")
+    return "\n".join(lines)
+
+
+def plot_attention(rows: list[dict], out_dir: Path) -> list[Path]:
+    """``attention_{causal,noncausal}.png``: log-log time and memory against length."""
+    paths = []
+    for causal in sorted({r["causal"] for r in rows}):
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+        names = list(dict.fromkeys(r["name"] for r in rows if r["causal"] == causal))
+        for key, ax, unit in (("time_s", axes[0], "fwd+bwd time (s)"),
+                              ("mem_mb", axes[1], "peak extra memory (MiB)")):  # fmt: skip
+            for name in names:
+                pts = [(r["n"], r[key]) for r in rows if r["name"] == name
+                       and r["causal"] == causal and isinstance(r.get(key), float)]  # fmt: skip
+                if pts:
+                    ref = name in ("mha", "naive_softmax", "naive_linear")
+                    ax.plot(*zip(*pts), "--" if ref else "-", marker="o", ms=3, label=name)
+            ax.set(xscale="log", yscale="log", xlabel="sequence length", ylabel=unit)
+            ax.grid(True, which="both", alpha=0.3)
+        axes[1].legend(fontsize=7)
+        fig.suptitle(f"one attention layer, {'causal' if causal else 'non-causal'}")
+        fig.tight_layout()
+        path = out_dir / f"attention_{'causal' if causal else 'noncausal'}.png"
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def plot_generation(gen: dict[str, dict], out_dir: Path) -> Path:
+    """``generation.png``: seconds per token against position (log-log)."""
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for mode, pts in gen.items():
+        xs = sorted(pts)
+        ax.plot(xs, [pts[p] for p in xs], marker="o", ms=3, label=mode)
+    ax.set(xscale="log", yscale="log", xlabel="position", ylabel="time per token (s)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = out_dir / "generation.png"
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path

@@ -1,0 +1,87 @@
+"""``attnlab bench`` at tiny sizes: the command runs and writes its JSON and plots."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import torch
+
+from attnlab.attention.linear import causal_linear_attention
+from attnlab.bench.kernels import NaiveLinear, NaiveSoftmax, naive_causal_linear
+
+TINY = [
+    "bench.attention.variants=[softmax,linear]",
+    "bench.attention.d_model=32",
+    "bench.attention.n_heads=2",
+    "bench.attention.lengths=[16,32]",
+    "bench.attention.repeats=1",
+    "bench.attention.linear_chunks=[8,16]",
+    "bench.attention.chunk_len=32",
+    "bench.generation.positions=[1,8,16]",
+    "bench.generation.window=2",
+    "bench.generation.recompute_repeats=1",
+    "bench.generation.d_model=32",
+    "bench.generation.n_layers=1",
+    "bench.training.tasks=[enwik8]",
+    'bench.training.overrides=["model.d_model=32","model.n_layers=1","task.max_len=16",'
+    '"task.data.batch_size=2"]',
+    "bench.training.steps=3",
+    "bench.training.warmup=1",
+    "bench.training.rounds=1",
+    "bench.training.bf16_variants=[linear]",
+    "bench.training.compile_variants=[]",
+]
+
+
+def test_bench_command_writes_json_and_plots(tmp_path):
+    out = tmp_path / "bench"
+    proc = subprocess.run(
+        [sys.executable, "-m", "attnlab.cli", "bench", f"bench.out_dir={out}", *TINY],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| target | value | threshold | met |" in proc.stdout
+    res = json.loads((out / "bench.json").read_text())
+    names = {(r["name"], r["causal"]) for r in res["attention"]}
+    assert {
+        ("softmax", False),
+        ("mha", True),
+        ("naive_softmax", True),
+        ("naive_linear", True),
+    } <= names
+    assert ("naive_linear", False) not in names  # the masked quadratic reference is causal only
+    ok = [r for r in res["attention"] if r["status"] == "ok"]
+    assert ok and all(r["time_s"] > 0 and r["mem_mb"] is not None for r in ok)
+    assert set(res["generation"]) == {
+        "softmax_step",
+        "softmax_recompute",
+        "linear_step",
+        "linear_recompute",
+    }
+    assert res["training"]["enwik8"]["plain_tokens_per_s"] > 0
+    assert res["bf16_mixed"]["linear/enwik8"]["ok"] and res["bf16_mixed"]["linear/imdb"]["ok"]
+    assert all(e["allclose_1e-5"] for e in res["linear_chunks"]["error_vs_naive"].values())
+    for png in ("attention_causal.png", "attention_noncausal.png", "generation.png"):
+        assert (out / png).stat().st_size > 1000
+
+
+def test_naive_references_agree_with_the_variants():
+    torch.manual_seed(0)
+    lin = NaiveLinear(32, 2, causal=True)
+    q, k, v = lin.features(torch.randn(1, 40, 32))
+    torch.testing.assert_close(naive_causal_linear(q, k, v), causal_linear_attention(q, k, v, 16))
+    ref = NaiveSoftmax(32, 2, causal=True)
+    mha = torch.nn.MultiheadAttention(32, 2, batch_first=True)
+    with torch.no_grad():
+        mha.in_proj_weight.copy_(ref.qkv.weight)
+        mha.in_proj_bias.copy_(ref.qkv.bias)
+        mha.out_proj.weight.copy_(ref.out.weight)
+        mha.out_proj.bias.copy_(ref.out.bias)
+    x = torch.randn(2, 12, 32)
+    mask = torch.nn.Transformer.generate_square_subsequent_mask(12)
+    expected = mha(x, x, x, attn_mask=mask, is_causal=True, need_weights=False)[0]
+    torch.testing.assert_close(ref(x), expected, atol=1e-5, rtol=1e-5)
