@@ -75,6 +75,8 @@ def check_group_overrides(overrides: Sequence[str]) -> None:
     for ov in overrides:
         key, _, value = ov.partition("=")
         key = key.lstrip("+~")
+        if key.startswith("hydra/"):  # Hydra's groups also come from plugins (launchers); it checks
+            continue
         if (Path(CONF_DIR) / key).is_dir() and value and "," not in value:
             if value not in available(key):
                 raise ValueError(

@@ -15,6 +15,7 @@ variant's YAML file (``conf/attention/<name>.yaml``) sets the rest.
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
 import torch
@@ -192,6 +193,22 @@ class QKVAttention(Attention):
         or None; ``causal`` asks for causal masking when ``mask`` is None.
         """
         raise NotImplementedError
+
+    def attention_weights(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        """Materialised weights ``softmax(mask(q kᵀ / sqrt(d)))`` (Vaswani et al. 2017, eq. 1):
+        ``x: (b, n, D)``, ``padding_mask: (b, n)`` -> ``(b, h, n, n)``, the same logits and masks
+        as :meth:`forward` (no dropout). For inspecting short inputs: O(n²) memory."""
+        q, k, _ = self.project(x)
+        mask = attention_mask(padding_mask, self.causal, x.shape[1], x.device)
+        return self.weights(q, k, mask).to(x.dtype)
+
+    def weights(self, q: Tensor, k: Tensor, mask: Tensor | None) -> Tensor:
+        """Softmax weights ``(b, h, n, m)`` in float32 from q ``(b, h, n, d)``, k ``(b, h, m, d)``
+        and a boolean mask broadcastable to ``(b, h, n, m)`` (True = attend) or None."""
+        logits = (q @ k.transpose(-2, -1)).float() / math.sqrt(self.head_dim)
+        if mask is not None:
+            logits = logits.masked_fill(~mask, float("-inf"))
+        return torch.softmax(logits, dim=-1)
 
     def forward(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
         """``x: (b, n, D)``, ``padding_mask: (b, n)`` bool (True = real) -> ``(b, n, D)``."""

@@ -36,13 +36,18 @@ class TalkingHeadsAttention(QKVAttention):
         self.mix_weights = nn.Parameter(torch.eye(n_heads))
         self.attn_drop = nn.Dropout(self.dropout)
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool) -> Tensor:
+    def weights(self, q: Tensor, k: Tensor, mask: Tensor | None) -> Tensor:
+        """Talking-heads weights ``W' (b, h, n, m)``: logits mixed by ``P_l``, masked, softmax,
+        then mixed by ``P_w`` (the equations above); float32."""
         logits = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)  # (b, h, n, m)
         logits = torch.einsum("bimn,ij->bjmn", logits, self.mix_logits.to(logits.dtype))
-        if causal:
-            mask = causal_mask(q.shape[-2], k.shape[-2], q.device)
         if mask is not None:
             logits = logits.masked_fill(~mask, float("-inf"))
-        weights = torch.softmax(logits.float(), dim=-1).to(q.dtype)
-        weights = torch.einsum("bimn,ij->bjmn", weights, self.mix_weights.to(weights.dtype))
+        weights = torch.softmax(logits.float(), dim=-1)
+        return torch.einsum("bimn,ij->bjmn", weights, self.mix_weights.float())
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool) -> Tensor:
+        if causal:
+            mask = causal_mask(q.shape[-2], k.shape[-2], q.device)
+        weights = self.weights(q, k, mask).to(q.dtype)
         return self.attn_drop(weights) @ v  # (b, h, n, d)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Sequence, Sized
 from typing import Any
 
 import numpy as np
@@ -157,3 +157,21 @@ def collate_classification(
     if all(label is not None for _, label in items):
         batch["labels"] = torch.tensor([label for _, label in items], dtype=torch.long)
     return batch
+
+
+def eval_sampler(dataset: Sized, trainer: Any) -> Sampler[int] | None:
+    """Sampler for a val/test loader: ``None`` (sequential) in one process; under DDP each rank
+    takes every ``world_size``-th item with no padding, so every example/window is scored once.
+
+    Lightning's default ``DistributedSampler`` pads the split by repeating items when its length
+    is not divisible by the world size, which would count them twice in accuracy and bits per
+    byte. Being a ``DistributedSampler`` subclass, this one is kept by Lightning as is.
+    """
+    world = int(getattr(trainer, "world_size", 1) or 1) if trainer is not None else 1
+    if world <= 1:
+        return None
+    from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+
+    return UnrepeatedDistributedSampler(
+        dataset, num_replicas=world, rank=int(trainer.global_rank), shuffle=False
+    )
