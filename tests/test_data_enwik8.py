@@ -7,6 +7,7 @@ import logging
 import math
 import zipfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -66,15 +67,16 @@ def test_real_prefix(caplog):
         assert b["input_ids"].dtype == b["targets"].dtype == torch.long
         assert torch.equal(b["input_ids"][:, 1:], b["targets"][:, :-1])
     ds = dm.train_dataloader().dataset
-    assert int(ds.starts.max()) + 33 <= dm.splits["train"][1]
-    s = int(ds.starts[0])
+    starts = [ds.batch_starts(g) for g in range(5)]
+    assert max(int(x.max()) for x in starts) + 33 <= dm.splits["train"][1]
+    s = int(starts[0][0])
     assert torch.equal(ds[0]["targets"], dm.data[s + 1 : s + 33].long())
 
 
-def test_train_batches_seeded(tmp_path):
+def test_train_batches_are_a_function_of_seed_and_global_step(tmp_path):
     write_bytes(tmp_path / "bytes.bin", 5000)
 
-    def epoch_batches(seed: int, epoch: int) -> list[torch.Tensor]:
+    def batches(seed: int, step: int, world: int = 1, rank: int = 0) -> list[torch.Tensor]:
         dm = Enwik8DataModule(
             path=str(tmp_path / "bytes.bin"),
             context=16,
@@ -82,15 +84,36 @@ def test_train_batches_seeded(tmp_path):
             train_batches_per_epoch=3,
             seed=seed,
         )
-        loader = dm.train_dataloader()
-        loader.sampler.set_epoch(epoch)  # what Lightning calls before each epoch
-        return [b["input_ids"] for b in loader]
+        dm.trainer = SimpleNamespace(
+            global_step=step, world_size=world, global_rank=rank, accumulate_grad_batches=1
+        )
+        return [b["input_ids"] for b in dm.train_dataloader()]
 
-    a = epoch_batches(0, 0)
-    assert len(a) == 3
-    assert all(torch.equal(x, y) for x, y in zip(a, epoch_batches(0, 0)))
-    assert not torch.equal(torch.stack(a), torch.stack(epoch_batches(0, 1)))
-    assert not torch.equal(torch.stack(a), torch.stack(epoch_batches(1, 0)))
+    a = batches(0, 0)
+    assert len(a) == 3 and all(x.shape == (4, 16) for x in a)
+    assert all(torch.equal(x, y) for x, y in zip(a, batches(0, 0)))  # same seed: same batches
+    assert not torch.equal(torch.stack(a), torch.stack(batches(1, 0)))  # other seed: others
+    later = batches(0, 2)  # resuming at step 2 (epoch 0 or not) gives steps 2, 3, 4
+    assert torch.equal(later[0], a[2]) and not torch.equal(later[1], a[2])
+    assert torch.equal(batches(0, 3)[0], later[1])
+    # DDP: the ranks split each global batch; a restored step counts before the trainer's
+    r0, r1 = batches(0, 0, world=2, rank=0), batches(0, 0, world=2, rank=1)
+    assert len(r0) == len(r1) == 3 and not torch.equal(r0[0], r1[0])
+    dm = Enwik8DataModule(path=str(tmp_path / "bytes.bin"), context=16, batch_size=4)
+    dm.load_state_dict({"global_step": 7})
+    assert dm._train_start_step() == 7
+    dm.teardown("fit")
+    assert dm._train_start_step() == 0
+
+
+def test_gradient_accumulation_is_refused(tmp_path):
+    write_bytes(tmp_path / "bytes.bin", 5000)
+    dm = Enwik8DataModule(path=str(tmp_path / "bytes.bin"), context=16, batch_size=4)
+    dm.trainer = SimpleNamespace(
+        global_step=0, world_size=1, global_rank=0, accumulate_grad_batches=2
+    )
+    with pytest.raises(ValueError, match="accumulate_grad_batches=2.*batch_size"):
+        dm.train_dataloader()
 
 
 def check_exactly_once(

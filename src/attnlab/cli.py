@@ -7,6 +7,7 @@ command's config and groups (Hydra's help).
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 
@@ -22,6 +23,9 @@ commands:
   train      fit a model, test it, print a summary   (conf/train.yaml)
   evaluate   score a checkpoint on a split           (conf/evaluate.yaml: ckpt=PATH split=test)
   generate   sample bytes from an enwik8 model       (conf/generate.yaml: ckpt=PATH prompt=...)
+  bench      attention/decoding/training speed+memory (conf/bench.yaml: bench.quick=true)
+  analyze    head importance by ablation, attention maps (conf/analyze.yaml: ckpt=PATH)
+  report     tables + plots from run/multirun dirs   (plain paths: attnlab report DIR... [--out D])
 
 examples:
   attnlab train                                   # IMDb, softmax attention, modern block, CPU
@@ -37,7 +41,9 @@ Run `attnlab <command> --help` for its options and config groups.
 def _hydra_command(config_name: str, fn: Callable[[DictConfig], object]) -> Callable[[], None]:
     @hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base=None)
     def _run(cfg: DictConfig) -> None:
-        fn(cfg)
+        from attnlab.reliability import run_command
+
+        run_command(config_name, fn, cfg)  # one-line errors; failed sweep jobs don't stop -m
 
     return _run
 
@@ -60,10 +66,25 @@ def _generate(cfg: DictConfig) -> object:
     return generate(cfg)
 
 
+def _bench(cfg: DictConfig) -> object:
+    from attnlab.bench import run_bench
+
+    return run_bench(cfg)
+
+
+def _analyze(cfg: DictConfig) -> object:
+    from attnlab.analyze import analyze
+
+    return analyze(cfg)
+
+
 COMMANDS: dict[str, tuple[str, Callable[[DictConfig], object]]] = {
     "train": ("train", _train),
     "evaluate": ("evaluate", _evaluate),
     "generate": ("generate", _generate),
+    "bench": ("bench", _bench),
+    "analyze": ("analyze", _analyze),
+    "report": ("", _analyze),  # plain argparse, dispatched in main() before Hydra
 }
 
 
@@ -73,17 +94,26 @@ def main(argv: list[str] | None = None) -> None:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return
+    if argv[0] not in COMMANDS and "LOCAL_RANK" in os.environ and "ATTNLAB_COMMAND" in os.environ:
+        # a DDP worker that Lightning started by re-running our argv, which lacks the command
+        argv.insert(0, os.environ["ATTNLAB_COMMAND"])
     cmd, rest = argv[0], argv[1:]
     if cmd not in COMMANDS:
         sys.exit(
             f"attnlab: unknown command {cmd!r}; choose one of: {', '.join(COMMANDS)}.\n\n{USAGE}"
         )
+    if cmd == "report":  # takes paths, not Hydra overrides
+        from attnlab.report import main as report_main
+
+        report_main(rest)
+        return
     register_resolvers()
     try:
         check_group_overrides([a for a in rest if not a.startswith("-")])
     except ValueError as err:
         sys.exit(f"attnlab {cmd}: {err}")
     config_name, fn = COMMANDS[cmd]
+    os.environ["ATTNLAB_COMMAND"] = cmd  # inherited by DDP workers (see above)
     sys.argv = [f"attnlab {cmd}", *rest]
     _hydra_command(config_name, fn)()
 

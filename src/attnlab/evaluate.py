@@ -15,6 +15,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from attnlab.reliability import state_dict_mismatch
 from attnlab.tasks import TaskModule
 from attnlab.train import build_network, build_task
 
@@ -42,7 +43,10 @@ def restore_task(run_cfg: DictConfig, ckpt: dict[str, Any]) -> TaskModule:
     """Rebuild the task module from its config and load the checkpoint's weights."""
     model = build_network(run_cfg, int(run_cfg.vocab_size))
     task = build_task(run_cfg, model, int(run_cfg.vocab_size))
-    task.load_state_dict(ckpt["state_dict"])
+    try:
+        task.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as err:
+        raise ValueError(state_dict_mismatch(task.state_dict(), ckpt["state_dict"])) from err
     return task.eval()
 
 

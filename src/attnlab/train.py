@@ -24,6 +24,14 @@ from torch import nn
 
 from attnlab.callbacks import ThroughputMonitor, peak_memory_mb
 from attnlab.models import build_model, count_parameters
+from attnlab.reliability import (
+    AtomicCheckpointIO,
+    NonFiniteGuard,
+    RNGStateCallback,
+    SigtermCheckpoint,
+    check_config,
+    restore_metrics,
+)
 from attnlab.tasks import TASKS, TaskModule
 
 log = logging.getLogger("attnlab")
@@ -62,6 +70,8 @@ def build_network(cfg: DictConfig, vocab_size: int) -> nn.Module:
         tie_embeddings=m.get("tie_embeddings", True),
         **{k: m[k] for k in BACKBONE_KEYS if k in m},
     )
+    if m.get("compile"):  # in place: forward compiled lazily, state_dict keys unchanged
+        model.compile()
     return model
 
 
@@ -119,6 +129,8 @@ def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit, test and summarise one run. Returns the summary (also written to summary.json)."""
     start = time.perf_counter()
+    check_config(cfg)
+    build_network(cfg, vocab_size=8)  # bad model/attention settings fail before data loading
     run_dir = Path(cfg.paths.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
@@ -138,10 +150,28 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         mode=cfg.task.monitor_mode,
         save_top_k=1,
         save_last=True,
-        every_n_train_steps=cfg.get("checkpoint_every_n_steps"),
     )
     throughput = ThroughputMonitor(log_every=cfg.trainer.get("log_every_n_steps", 20))
     callbacks = [checkpoint, throughput, LearningRateMonitor(logging_interval="step")]
+    if cfg.get("checkpoint_every_n_steps"):  # Lightning defers monitored saves to validation
+        callbacks.append(
+            ModelCheckpoint(
+                dirpath=str(ckpt_dir),
+                filename="last",
+                every_n_train_steps=cfg.checkpoint_every_n_steps,
+                enable_version_counter=False,
+            )
+        )
+    callbacks += [
+        NonFiniteGuard(cfg.get("nonfinite", "stop")),
+        SigtermCheckpoint(ckpt_dir / "last.ckpt"),
+        RNGStateCallback(),
+    ]
+    ckpt_path = resume_checkpoint(cfg, run_dir)
+    pre_resume = run_dir / "metrics.pre-resume.csv"
+    if ckpt_path and (run_dir / "metrics.csv").exists():
+        restore_metrics(run_dir, pre_resume)  # left behind by a resumed run that crashed
+        (run_dir / "metrics.csv").replace(pre_resume)  # CSVLogger would delete it
     loggers = build_loggers(cfg, run_dir, params)
     trainer: pl.Trainer = instantiate(
         cfg.trainer,
@@ -149,8 +179,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         callbacks=callbacks,
         logger=loggers,
         default_root_dir=str(run_dir),
+        plugins=[AtomicCheckpointIO()],
     )
-    trainer.fit(task, datamodule=dm, ckpt_path=resume_checkpoint(cfg, run_dir))
+    trainer.fit(task, datamodule=dm, ckpt_path=ckpt_path)
     fit_time = time.perf_counter() - start
 
     best_path = checkpoint.best_model_path or None
@@ -180,6 +211,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "run_dir": str(run_dir),
     }
     if trainer.is_global_zero:
+        restore_metrics(run_dir, pre_resume)
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         print(format_summary(summary))
     return summary

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from attnlab.data.windows import EpochDistributedSampler, RandomWindowDataset, SlidingWindowDataset
+from attnlab.data.batching import eval_sampler
+from attnlab.data.windows import SlidingWindowDataset, StepSampler, StepWindowDataset
 from attnlab.paths import default_data_dir
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,8 @@ def read_bytes(path: str | Path) -> torch.Tensor:
     """
     path = Path(path)
     if path.suffix == ".zip":
+        if not zipfile.is_zipfile(path):
+            raise ValueError(f"{path} is not a valid zip file (corrupt or truncated download?)")
         with zipfile.ZipFile(path) as zf:
             names = zf.namelist()
             if "enwik8" not in names:
@@ -133,7 +136,7 @@ class Enwik8DataModule(pl.LightningDataModule):
         train_batches_per_epoch: training batches per epoch (per device under DDP).
         eval_stride: newly scored bytes per evaluation window after the first (default
             ``context // 2``); must satisfy ``0 < eval_stride <= context``.
-        seed: seeds the training windows (with the epoch).
+        seed: seeds the training windows (with the global step: see ``train_dataloader``).
         verify: check the SHA-256 of a 100,000,000-byte file; ``False`` turns a mismatch into a
             warning.
         limit_val_bytes, limit_test_bytes: score only the first N bytes of that split.
@@ -190,6 +193,7 @@ class Enwik8DataModule(pl.LightningDataModule):
         self.path: Path | None = None
         self.data: torch.Tensor | None = None
         self.splits: dict[str, tuple[int, int]] = {}
+        self._resume_step = 0
 
     def setup(self, stage: str | None = None) -> None:
         """Read, verify and split the file (idempotent: later calls do nothing)."""
@@ -245,22 +249,39 @@ class Enwik8DataModule(pl.LightningDataModule):
         return SlidingWindowDataset(self.data, a, b, self.context, self.eval_stride)
 
     def train_dataloader(self) -> DataLoader:
+        """Random training windows; the batch of global step ``g`` is a pure function of
+        ``(seed, g)`` (:class:`StepWindowDataset`), so resuming needs no skip bookkeeping.
+
+        Raises:
+            ValueError: ``trainer.accumulate_grad_batches > 1`` (batches are indexed by
+                optimizer step, so accumulation would reuse them).
+        """
         self.setup()
         assert self.data is not None
         trainer = getattr(self, "trainer", None)
         world = trainer.world_size if trainer is not None else 1
         rank = trainer.global_rank if trainer is not None else 0
+        accumulate = trainer.accumulate_grad_batches if trainer is not None else 1
+        if accumulate != 1:
+            raise ValueError(
+                f"trainer.accumulate_grad_batches={accumulate} is not supported for enwik8 "
+                "(training batches are indexed by optimizer step): raise task.data.batch_size "
+                "instead"
+            )
         start, end = self.splits["train"]
-        ds = RandomWindowDataset(
+        global_batch = self.batch_size * world
+        ds = StepWindowDataset(
             self.data,
             start,
             end,
             self.context,
-            self.train_batches_per_epoch * self.batch_size * world,
+            global_batch,
+            self.train_batches_per_epoch * global_batch,
             self.seed,
         )
-        sampler = EpochDistributedSampler(ds, num_replicas=world, rank=rank, shuffle=False)
-        sampler.set_epoch(trainer.current_epoch if trainer is not None else 0)
+        sampler = StepSampler(
+            ds, self.batch_size, self.train_batches_per_epoch, self._train_start_step, world, rank
+        )
         return DataLoader(
             ds,
             batch_size=self.batch_size,
@@ -269,18 +290,39 @@ class Enwik8DataModule(pl.LightningDataModule):
             num_workers=self.num_workers,
         )
 
+    def _train_start_step(self) -> int:
+        """The global step of the next training batch. Lightning creates the first training
+        iterator before it restores the trainer's step from a checkpoint (and worker processes
+        draw indices at once), so the step saved by :meth:`state_dict` counts too."""
+        trainer = getattr(self, "trainer", None)
+        return max(trainer.global_step if trainer is not None else 0, self._resume_step)
+
+    def state_dict(self) -> dict[str, int]:
+        """``{"global_step": ...}``: restored before Lightning builds the training iterator."""
+        trainer = getattr(self, "trainer", None)
+        return {"global_step": int(trainer.global_step)} if trainer is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self._resume_step = int(state_dict.get("global_step", 0))
+
+    def teardown(self, stage: str) -> None:
+        if stage == "fit":
+            self._resume_step = 0  # a later fit without a checkpoint starts at its own step
+
     def val_dataloader(self) -> DataLoader:
+        ds = self.eval_dataset("val")
         return DataLoader(
-            self.eval_dataset("val"),
+            ds,
             batch_size=self.eval_batch_size,
-            shuffle=False,
+            sampler=eval_sampler(ds, getattr(self, "trainer", None)),  # DDP: each window once
             num_workers=self.num_workers,
         )
 
     def test_dataloader(self) -> DataLoader:
+        ds = self.eval_dataset("test")
         return DataLoader(
-            self.eval_dataset("test"),
+            ds,
             batch_size=self.eval_batch_size,
-            shuffle=False,
+            sampler=eval_sampler(ds, getattr(self, "trainer", None)),  # DDP: each window once
             num_workers=self.num_workers,
         )

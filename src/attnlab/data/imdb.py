@@ -22,6 +22,7 @@ from attnlab.data.batching import (
     LengthBucketBatchSampler,
     TokenizedDataset,
     collate_classification,
+    eval_sampler,
 )
 from attnlab.data.splits import stratified_split, stratified_subset
 from attnlab.data.tokenization import CLS_ID, PAD_ID, check_kind, get_tokenizer
@@ -36,6 +37,15 @@ _SPLITS = ("train", "test")
 def clean_text(text: str) -> str:
     """Replace HTML line breaks (``<br />``, ``<br/>``, ``<br>``) with a space."""
     return _BR_TAG.sub(" ", text)
+
+
+def _as_text(value: Any) -> str:
+    """A review as ``str``: missing -> ``""``, bytes decoded as UTF-8 (bad bytes -> U+FFFD)."""
+    if value is None:
+        return ""
+    if isinstance(value, bytes | bytearray):
+        return bytes(value).decode("utf-8", errors="replace")
+    return str(value)
 
 
 def find_parquet_shards(directory: str | Path) -> dict[str, list[str]] | None:
@@ -57,7 +67,16 @@ def _check_not_empty(shards: dict[str, list[str]]) -> None:
     import pyarrow.parquet as pq
 
     for split, files in shards.items():
-        if sum(pq.ParquetFile(f).metadata.num_rows for f in files) == 0:
+        rows = 0
+        for f in files:
+            try:
+                rows += pq.ParquetFile(f).metadata.num_rows
+            except Exception as err:
+                raise ValueError(
+                    f"cannot read IMDb parquet file {f} ({err}): it is corrupt or not parquet; "
+                    "re-download it or point paths.data_dir / ATTNLAB_DATA_DIR elsewhere"
+                ) from err
+        if rows == 0:
             raise ValueError(f"IMDb {split} split is empty: no rows in {', '.join(files)}")
 
 
@@ -87,6 +106,13 @@ class IMDbDataModule(pl.LightningDataModule):
 
     Batches: ``{"input_ids": LongTensor (batch, seq), "padding_mask": BoolTensor (batch, seq)``
     (True = real token), ``"labels": LongTensor (batch,)}``, right-padded with 0.
+
+    Resuming (``resume=true``) from a mid-epoch checkpoint is not batch-exact: the rest of the
+    interrupted epoch is drawn from the start of that epoch's (seed, epoch) order (Lightning
+    runs only the batches the epoch still owes); with ``num_workers > 0`` it can be epoch 0's
+    order (Lightning builds that iterator before restoring the epoch). Later epochs, weights,
+    optimizer and RNG state continue exactly (enwik8 resumes batch-exactly: its batches are a
+    function of the global step).
 
     Raises:
         ValueError: unknown ``tokenizer`` or bad numeric arguments (at construction); labels
@@ -186,7 +212,8 @@ class IMDbDataModule(pl.LightningDataModule):
             bad = sorted(set(np.unique(labels).tolist()) - {0, 1})
             if bad:
                 raise ValueError(f"IMDb {split} labels must be 0 or 1, found {bad[:5]} in {src}")
-            raw[split] = (table.column("text").to_pylist(), labels.astype(np.int64))
+            texts = [_as_text(t) for t in table.column("text").to_pylist()]
+            raw[split] = (texts, labels.astype(np.int64))
         self._raw = raw
         return raw
 
@@ -306,10 +333,11 @@ class IMDbDataModule(pl.LightningDataModule):
         )
 
     def _eval_loader(self, split: str) -> DataLoader:
+        ds = self._dataset(split)
         return DataLoader(
-            self._dataset(split),
+            ds,
             batch_size=self.eval_batch_size,
-            shuffle=False,
+            sampler=eval_sampler(ds, getattr(self, "trainer", None)),  # DDP: each item once
             collate_fn=collate_classification,
             num_workers=self.num_workers,
         )

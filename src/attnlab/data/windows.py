@@ -3,6 +3,8 @@ windows that score every byte of a range exactly once."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 import numpy as np
 import torch
 from torch.utils.data import Dataset, DistributedSampler
@@ -50,12 +52,21 @@ class SlidingWindowDataset(Dataset):
         return {"input_ids": inputs, "targets": targets, "loss_mask": mask}
 
 
-class RandomWindowDataset(Dataset):
-    """``num_samples`` random ``context + 1``-byte windows of ``[start, end)``, redrawn per epoch.
+class StepWindowDataset(Dataset):
+    """Random ``context + 1``-byte training windows of ``[start, end)``, a pure function of
+    ``(seed, global step)``.
 
-    Start offsets come from a ``torch.Generator`` seeded with ``(seed, epoch)`` (see
-    :meth:`set_epoch`), so an epoch's windows are reproducible, e.g. after resuming. Items:
-    ``{"input_ids": (context,), "targets": (context,)}`` (long), targets = inputs shifted by one.
+    Item ``i`` is window ``i % global_batch`` of global batch ``g = i // global_batch``, where
+    ``global_batch`` = batch size x DDP world size. The start offsets of batch ``g`` are drawn
+    uniformly from ``[start, end - context)`` by ``np.random.default_rng(SeedSequence([seed,
+    g]))``, so any step's batch can be rebuilt without replaying the ones before it (exact
+    resumption, see :class:`StepSampler`). Items: ``{"input_ids": (context,), "targets":
+    (context,)}`` (long), targets = inputs shifted by one.
+
+    ``len()`` is one nominal epoch of items (``num_samples``); indices past it are valid.
+
+    Raises:
+        ValueError: the range holds fewer than ``context + 1`` bytes.
     """
 
     def __init__(
@@ -64,6 +75,7 @@ class RandomWindowDataset(Dataset):
         start: int,
         end: int,
         context: int,
+        global_batch: int,
         num_samples: int,
         seed: int = 0,
     ) -> None:
@@ -73,32 +85,62 @@ class RandomWindowDataset(Dataset):
                 f"context + 1 = {context + 1}: use a smaller context or more data"
             )
         self.data, self.start, self.end, self.context = data, start, end, context
-        self.num_samples, self.seed = num_samples, seed
-        self.set_epoch(0)
+        self.global_batch, self.num_samples, self.seed = global_batch, num_samples, seed
+        self._cached: tuple[int, np.ndarray] = (-1, np.zeros(0, dtype=np.int64))
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-        mixed = np.random.SeedSequence([self.seed, self.epoch]).generate_state(2, np.uint64)[0]
-        g = torch.Generator().manual_seed(int(mixed) & (2**63 - 1))
-        self.starts = torch.randint(
-            self.start, self.end - self.context, (self.num_samples,), generator=g
-        )
+    def batch_starts(self, g: int) -> np.ndarray:
+        """Start offsets (``(global_batch,)`` int64) of the windows of global batch ``g``."""
+        if self._cached[0] != g:
+            rng = np.random.default_rng(np.random.SeedSequence([self.seed, g]))
+            starts = rng.integers(self.start, self.end - self.context, self.global_batch)
+            self._cached = (g, starts)
+        return self._cached[1]
 
     def __len__(self) -> int:
         return self.num_samples
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        s = int(self.starts[i])
+        g, k = divmod(int(i), self.global_batch)
+        s = int(self.batch_starts(g)[k])
         chunk = self.data[s : s + self.context + 1].long()
         return {"input_ids": chunk[:-1], "targets": chunk[1:]}
 
 
-class EpochDistributedSampler(DistributedSampler):
-    """A non-shuffling ``DistributedSampler`` that passes ``set_epoch`` on to the dataset.
+class StepSampler(DistributedSampler):
+    """Yields the :class:`StepWindowDataset` indices of this rank's share of global batches
+    ``g0, g0 + 1, ...`` (``batches_per_epoch`` batches of ``batch_size`` indices), where ``g0 =
+    start_step()`` is read when iteration starts: batch ``g`` is trained at global step ``g``.
 
-    Being a ``DistributedSampler``, Lightning keeps it (it does not inject its own under DDP).
+    A resumed run therefore continues with exactly the batches of an uninterrupted one, with no
+    skip bookkeeping; Lightning ends each epoch after its own batch count (the rest of this
+    iterator is never drawn). Rank ``r`` of ``W`` takes windows ``[r * batch_size, (r + 1) *
+    batch_size)`` of each global batch. Being a ``DistributedSampler``, Lightning keeps it under
+    DDP; ``set_epoch`` is accepted and does not change the batches.
     """
 
-    def set_epoch(self, epoch: int) -> None:
-        super().set_epoch(epoch)
-        self.dataset.set_epoch(epoch)
+    def __init__(
+        self,
+        dataset: StepWindowDataset,
+        batch_size: int,
+        batches_per_epoch: int,
+        start_step: Callable[[], int],
+        num_replicas: int = 1,
+        rank: int = 0,
+    ) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
+        if dataset.global_batch != batch_size * num_replicas:
+            raise ValueError(
+                f"dataset.global_batch={dataset.global_batch} must equal batch_size x "
+                f"num_replicas = {batch_size} x {num_replicas}"
+            )
+        self.batch_size, self.batches_per_epoch = batch_size, batches_per_epoch
+        self.start_step = start_step
+
+    def __iter__(self) -> Iterator[int]:
+        g0, gb = int(self.start_step()), self.dataset.global_batch
+        first = self.rank * self.batch_size
+        for g in range(g0, g0 + self.batches_per_epoch):
+            yield from range(g * gb + first, g * gb + first + self.batch_size)
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch * self.batch_size
