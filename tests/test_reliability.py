@@ -199,3 +199,44 @@ def test_sweep_with_a_failing_job_finishes_the_others(tmp_path):
     assert failed["n_heads"] == 3 and failed["task"] == "enwik8" and failed["seed"] == 0
     assert failed["error"].startswith("ValueError:") and "n_heads" in failed["error"]
     assert "Traceback" in failed["traceback"] and failed["run_dir"] == str(sweep / "job0")
+
+
+def test_imdb_resume_mid_epoch_continues_with_the_same_batches(tmp_path, monkeypatch):
+    """A crash after a mid-epoch checkpoint, then resume=true: every later step trains on the
+    batch an uninterrupted run trains on (same loss), across the epoch boundary."""
+    from attnlab.tasks import ClassificationTask
+    from tests.test_train import TINY_IMDB
+
+    task = [
+        *TINY_IMDB,
+        "task.data.limit_train=64",
+        "task.data.batch_size=8",
+        "trainer.max_epochs=2",
+        "trainer.log_every_n_steps=1",
+        "trainer.deterministic=true",
+        "checkpoint_every_n_steps=3",
+        "model.dropout=0.0",
+    ]
+    reference = tiny_cfg(tmp_path / "ref", task)
+    ref = train(reference)
+    assert ref["global_step"] == 16  # 8 batches per epoch
+
+    orig = ClassificationTask.training_step
+
+    def crash_at_5(self, batch, batch_idx):
+        if self.trainer.global_step == 5:
+            raise RuntimeError("simulated crash")
+        return orig(self, batch, batch_idx)
+
+    crashed = tiny_cfg(tmp_path / "crash", task)
+    monkeypatch.setattr(ClassificationTask, "training_step", crash_at_5)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(crashed)
+    monkeypatch.setattr(ClassificationTask, "training_step", orig)
+    run = Path(crashed.paths.run_dir)
+    assert _ckpt_step(run / "checkpoints" / "last.ckpt") == 3  # mid-epoch 0
+    resumed = train(tiny_cfg(tmp_path / "crash", task, "resume=true"))
+    assert resumed["global_step"] == 16
+    want, got = _losses(Path(reference.paths.run_dir)), _losses(run)
+    for s in range(3, 16):
+        assert got[s] == pytest.approx(want[s], rel=1e-5, abs=1e-6), f"step {s}"

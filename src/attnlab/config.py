@@ -52,7 +52,8 @@ def compose(
     """Compose ``conf/<config_name>.yaml`` with Hydra overrides, outside a Hydra app.
 
     Sets Hydra's runtime config so ``${hydra:...}`` interpolations resolve, with
-    ``run_dir`` as the run's output directory (tests pass a temporary one).
+    ``run_dir`` as the run's output directory (tests pass a temporary one), and resolves the
+    returned config, so it does not change when another config is composed later.
 
     Raises:
         ValueError: an override names an unknown option of a config group; the
@@ -67,6 +68,8 @@ def compose(
     HydraConfig.instance().set_config(cfg)
     with open_dict(cfg):
         del cfg["hydra"]
+    # Resolve now: ``${hydra:...}`` reads a global that the next compose() overwrites.
+    OmegaConf.resolve(cfg)
     return cfg
 
 

@@ -8,8 +8,8 @@
 - :class:`SigtermCheckpoint` + :class:`RNGStateCallback`: a pre-empted (SIGTERM) or killed
   (SIGKILL) run resumed with ``resume=true`` continues with the same global step, optimizer,
   scheduler and random state; enwik8 training batches are a pure function of (seed, global
-  step) (:class:`attnlab.data.windows.StepSampler`), so they continue exactly too. IMDb resumes
-  mid-epoch with the interrupted epoch's batches from that epoch's start (see
+  step) (:class:`attnlab.data.windows.StepSampler`), so they continue exactly too; IMDb's
+  length-bucketed sampler skips the batches of the interrupted epoch already trained (see
   :class:`attnlab.data.imdb.IMDbDataModule`).
 - :func:`run_command`: ``attnlab <command>`` prints known errors as one line; under ``-m`` a
   failed job writes ``summary.json`` with ``status: failed`` and the sweep goes on.

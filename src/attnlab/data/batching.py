@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence, Sized
+from collections.abc import Callable, Iterator, Sequence, Sized
 from typing import Any
 
 import numpy as np
@@ -52,6 +52,9 @@ class LengthBucketBatchSampler(BatchSampler):
         lengths: length (tokens) of every example of the dataset, indexed like the dataset.
         bucket_size: batches per length-sorted group.
         seed: base seed.
+        batches_done: called when iteration starts (after Lightning restored a checkpoint);
+            returns how many batches of this epoch were already trained, which are skipped so
+            that a run resumed mid-epoch continues with the batches an uninterrupted run sees.
     """
 
     def __init__(
@@ -63,8 +66,10 @@ class LengthBucketBatchSampler(BatchSampler):
         lengths: Sequence[int] | np.ndarray,
         bucket_size: int = 50,
         seed: int = 0,
+        batches_done: Callable[[], int] | None = None,
     ) -> None:
         super().__init__(sampler, batch_size, drop_last)
+        self.batches_done = batches_done
         if bucket_size < 1:
             raise ValueError(f"bucket_size must be >= 1, got {bucket_size}")
         self.lengths = np.asarray(lengths)
@@ -94,7 +99,9 @@ class LengthBucketBatchSampler(BatchSampler):
                 batch = chunk[b : b + self.batch_size]
                 if len(batch) == self.batch_size or not self.drop_last:
                     batches.append(batch.tolist())
-        for i in rng.permutation(len(batches)):
+        order = rng.permutation(len(batches))
+        skip = min(max(0, int(self.batches_done())), len(order)) if self.batches_done else 0
+        for i in order[skip:]:
             yield batches[i]
 
     def __len__(self) -> int:

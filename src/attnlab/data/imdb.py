@@ -107,12 +107,11 @@ class IMDbDataModule(pl.LightningDataModule):
     Batches: ``{"input_ids": LongTensor (batch, seq), "padding_mask": BoolTensor (batch, seq)``
     (True = real token), ``"labels": LongTensor (batch,)}``, right-padded with 0.
 
-    Resuming (``resume=true``) from a mid-epoch checkpoint is not batch-exact: the rest of the
-    interrupted epoch is drawn from the start of that epoch's (seed, epoch) order (Lightning
-    runs only the batches the epoch still owes); with ``num_workers > 0`` it can be epoch 0's
-    order (Lightning builds that iterator before restoring the epoch). Later epochs, weights,
-    optimizer and RNG state continue exactly (enwik8 resumes batch-exactly: its batches are a
-    function of the global step).
+    Resuming (``resume=true``) from a mid-epoch checkpoint is batch-exact with the default
+    ``num_workers=0``: the batch sampler reads, when iteration starts (after Lightning restored
+    the checkpoint), how many batches of the epoch were already trained and skips them in the
+    epoch's fixed (seed, epoch) order. With ``num_workers > 0`` the DataLoader draws indices
+    before the restore, so the interrupted epoch restarts from its first batches.
 
     Raises:
         ValueError: unknown ``tokenizer`` or bad numeric arguments (at construction); labels
@@ -321,6 +320,7 @@ class IMDbDataModule(pl.LightningDataModule):
             lengths=ds.lengths,
             bucket_size=self.bucket_size,
             seed=self.seed,
+            batches_done=self._batches_done_in_epoch,
         )
         trainer = getattr(self, "trainer", None)
         sampler.set_epoch(trainer.current_epoch if trainer is not None else 0)
@@ -331,6 +331,17 @@ class IMDbDataModule(pl.LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
+
+    def _batches_done_in_epoch(self) -> int:
+        """Training batches of the current epoch already done: ``global_step x
+        accumulate_grad_batches - current_epoch x num_training_batches``, non-zero only when a
+        run resumes mid-epoch (0 without a trainer)."""
+        trainer = getattr(self, "trainer", None)
+        per_epoch = getattr(trainer, "num_training_batches", None)
+        if trainer is None or not isinstance(per_epoch, int) or per_epoch <= 0:
+            return 0
+        done = trainer.global_step * trainer.accumulate_grad_batches
+        return max(0, done - trainer.current_epoch * per_epoch)
 
     def _eval_loader(self, split: str) -> DataLoader:
         ds = self._dataset(split)
