@@ -13,13 +13,14 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
+import torch.nn.functional as F
 
 from attnlab.config import compose
 from attnlab.data.enwik8 import Enwik8DataModule
 from attnlab.evaluate import load_checkpoint
 from attnlab.metrics import LN2, BitsPerByte
 from attnlab.paths import default_data_dir
-from attnlab.tasks import LanguageModelTask, score_bytes_brute_force
+from attnlab.tasks import LanguageModelTask
 from attnlab.train import build_network, train
 from tests.conftest import VARIANTS, positions_for
 
@@ -151,6 +152,22 @@ def test_unknown_variant_lists_the_available_ones(tmp_path):
     )
     assert proc.returncode != 0
     assert "unknown attention 'softmx'; available:" in proc.stderr and "linear" in proc.stderr
+
+
+def score_bytes_brute_force(
+    model: torch.nn.Module, data: torch.Tensor, start: int, end: int, context: int
+) -> tuple[float, int]:
+    """Reference scorer: each byte in [max(start,1), end) predicted from up to ``context``
+    preceding bytes, one forward pass per byte. Returns (total nats, bytes scored).
+    Slow; for tests of the sliding-window evaluator."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for p in range(max(start, 1), end):
+            ctx = data[max(0, p - context) : p].long()[None]
+            logp = F.log_softmax(model(ctx)[0, -1].float(), -1)
+            total -= logp[int(data[p])].item()
+            count += 1
+    return total, count
 
 
 def test_sliding_window_bpb_equals_brute_force_per_byte_scoring(tmp_path):

@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
@@ -146,19 +145,3 @@ class LanguageModelTask(TaskModule):
 
 
 TASKS: dict[str, type[TaskModule]] = {"classification": ClassificationTask, "lm": LanguageModelTask}
-
-
-def score_bytes_brute_force(
-    model: nn.Module, data: Tensor, start: int, end: int, context: int
-) -> tuple[float, int]:
-    """Reference scorer: each byte in [max(start,1), end) predicted from up to ``context``
-    preceding bytes, one forward pass per byte. Returns (total nats, bytes scored).
-    Slow; for tests of the sliding-window evaluator."""
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for p in range(max(start, 1), end):
-            ctx = data[max(0, p - context) : p].long()[None]
-            logp = F.log_softmax(model(ctx)[0, -1].float(), -1)
-            total -= logp[int(data[p])].item()
-            count += 1
-    return total, count

@@ -309,8 +309,8 @@ class Enwik8DataModule(pl.LightningDataModule):
         if stage == "fit":
             self._resume_step = 0  # a later fit without a checkpoint starts at its own step
 
-    def val_dataloader(self) -> DataLoader:
-        ds = self.eval_dataset("val")
+    def _eval_loader(self, split: str) -> DataLoader:
+        ds = self.eval_dataset(split)
         return DataLoader(
             ds,
             batch_size=self.eval_batch_size,
@@ -318,11 +318,8 @@ class Enwik8DataModule(pl.LightningDataModule):
             num_workers=self.num_workers,
         )
 
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader("val")
+
     def test_dataloader(self) -> DataLoader:
-        ds = self.eval_dataset("test")
-        return DataLoader(
-            ds,
-            batch_size=self.eval_batch_size,
-            sampler=eval_sampler(ds, getattr(self, "trainer", None)),  # DDP: each window once
-            num_workers=self.num_workers,
-        )
+        return self._eval_loader("test")
