@@ -63,6 +63,12 @@ def test_bench_command_writes_json_and_plots(tmp_path):
         "linear_recompute",
     }
     assert res["training"]["enwik8"]["plain_tokens_per_s"] > 0
+    # the precision actually used and the machine are recorded; bf16 only where it is native
+    from attnlab.hardware import cpu_bf16, cpu_capability
+
+    want = "bf16-mixed" if cpu_bf16().value else "32-true"
+    assert res["precision"]["training"] == want == res["settings"]["training"]["precision"]
+    assert res["machine"]["cpu_capability"] == cpu_capability() and res["machine"]["cpu"]
     assert res["bf16_mixed"]["linear/enwik8"]["ok"] and res["bf16_mixed"]["linear/imdb"]["ok"]
     assert all(e["allclose_1e-5"] for e in res["linear_chunks"]["error_vs_naive"].values())
     for png in ("attention_causal.png", "attention_noncausal.png", "generation.png"):

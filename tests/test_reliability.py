@@ -104,9 +104,13 @@ def test_sigterm_saves_last_checkpoint_then_stops(tmp_path, monkeypatch):
     # SIGTERM arrives during the 4th batch; no periodic checkpoints, validation only at step 8
     monkeypatch.setattr(train_mod, "RNGStateCallback", lambda: _SigtermAt(3))
     cfg = tiny_cfg(tmp_path, TINY_ENWIK8, "task.data.train_batches_per_epoch=8")
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as stop:
         train(cfg)
+    assert stop.value.code == 128 + signal.SIGTERM  # not 0: the run did not finish
     assert _ckpt_step(tmp_path / "run" / "checkpoints" / "last.ckpt") == 4
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["global_step"] == 4
+    assert "SIGTERM: saved" in summary["error"] and "NOT finished" in summary["error"]
 
 
 RESUME_TASK = [
@@ -136,15 +140,19 @@ def _losses(run: Path) -> dict[int, float]:
     return {int(r["step"]): float(r["train/loss"]) for r in rows if r.get("train/loss")}
 
 
-def test_sigkill_then_resume_continues_with_same_steps_batches_and_optimizer(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_killed_or_stopped_run_resumes_with_same_steps_batches_and_optimizer(tmp_path, sig):
+    """The real CLI, stopped by SIGKILL (crash) or SIGTERM (pre-emption), then the same command
+    again: it continues in its run dir (resume=auto) and logs what an uninterrupted run logs."""
     run = tmp_path / "killed"
     args = ["train", *RESUME_ARGS, f"paths.cache_dir={tmp_path / 'c'}", f"hydra.run.dir={run}"]
     proc = subprocess.Popen(
         [sys.executable, "-c", SLOW_TRAIN, *args],
         cwd=tmp_path,
         env=ENV,
-        stdout=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
+        text=True,
     )
     last = run / "checkpoints" / "last.ckpt"
     try:
@@ -153,15 +161,29 @@ def test_sigkill_then_resume_continues_with_same_steps_batches_and_optimizer(tmp
             time.sleep(0.05)
         time.sleep(1.2)  # a few more steps (0.25 s each): lose up to one checkpoint interval
     finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+        proc.send_signal(sig)
+        stdout, _ = proc.communicate(timeout=60)
     killed_at = _ckpt_step(last)
-    assert 2 <= killed_at < 24 and killed_at % 2 == 0
-    # resume in the same run dir; the reference is one uninterrupted run
-    resumed = train(tiny_cfg(tmp_path, RESUME_TASK, f"paths.run_dir={run}", "resume=true"))
+    if sig == signal.SIGKILL:
+        assert proc.returncode == -signal.SIGKILL
+        assert 2 <= killed_at < 24 and killed_at % 2 == 0
+    else:  # saved after the batch it was in, said so in one line, exit status 143
+        assert proc.returncode == 128 + signal.SIGTERM, stdout[-2000:]
+        line = [ln for ln in stdout.splitlines() if "attnlab train: SIGTERM: saved" in ln]
+        assert line and "NOT finished" in line[0] and f"at step {killed_at}" in line[0]
+        assert f"resume={run}" in line[0] and "Exit status 143" in line[0]
+        assert json.loads((run / "summary.json").read_text())["status"] == "interrupted"
+        assert 2 < killed_at < 24
+    # the same command again: resume=auto continues in the run dir; reference: uninterrupted
+    again = subprocess.run(
+        [sys.executable, "-m", "attnlab.cli", *args], cwd=tmp_path, env=ENV, capture_output=True,
+        text=True, timeout=300,
+    )  # fmt: skip
+    assert again.returncode == 0, again.stderr[-3000:]
+    resumed = json.loads((run / "summary.json").read_text())
     ref_cfg = tiny_cfg(tmp_path, RESUME_TASK)
     reference = train(ref_cfg)
+    assert resumed["status"] == "completed"
     assert resumed["global_step"] == reference["global_step"] == 24
     ref, got = _losses(Path(ref_cfg.paths.run_dir)), _losses(run)
     after = [s for s in ref if s >= killed_at]

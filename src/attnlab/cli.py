@@ -78,6 +78,19 @@ def _analyze(cfg: DictConfig) -> object:
     return analyze(cfg)
 
 
+def _resume_in_place(args: list[str]) -> list[str]:
+    """``resume=<run dir>`` continues that run in its own directory: add ``hydra.run.dir=<it>``
+    (single runs only, and only when the user did not set ``hydra.run.dir``)."""
+    if "-m" in args or "--multirun" in args or any(a.startswith("hydra.run.dir=") for a in args):
+        return args
+    for a in args:
+        if a.startswith("resume="):
+            value = a.split("=", 1)[1].strip("'\"")
+            if value and os.path.isdir(value):
+                return [*args, f"hydra.run.dir={value}"]
+    return args
+
+
 COMMANDS: dict[str, tuple[str, Callable[[DictConfig], object]]] = {
     "train": ("train", _train),
     "evaluate": ("evaluate", _evaluate),
@@ -112,6 +125,8 @@ def main(argv: list[str] | None = None) -> None:
         check_group_overrides([a for a in rest if not a.startswith("-")])
     except ValueError as err:
         sys.exit(f"attnlab {cmd}: {err}")
+    if cmd == "train":
+        rest = _resume_in_place(rest)
     config_name, fn = COMMANDS[cmd]
     os.environ["ATTNLAB_COMMAND"] = cmd  # inherited by DDP workers (see above)
     sys.argv = [f"attnlab {cmd}", *rest]

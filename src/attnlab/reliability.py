@@ -5,8 +5,9 @@
   truncated ``last.ckpt``.
 - :class:`NonFiniteGuard`: a non-finite loss or gradient stops training (``nonfinite: stop``)
   before the optimizer step, or skips that step (``nonfinite: skip``).
-- :class:`SigtermCheckpoint` + :class:`RNGStateCallback`: a pre-empted (SIGTERM) or killed
-  (SIGKILL) run resumed with ``resume=true`` continues with the same global step, optimizer,
+- :class:`RNGStateCallback` (+ :mod:`attnlab.interrupts` for SIGTERM and SLURM pre-emption): a
+  stopped (SIGTERM) or killed (SIGKILL) run resumed with ``resume=true`` (or, the default,
+  ``resume=auto`` in the same run dir) continues with the same global step, optimizer,
   scheduler and random state; enwik8 training batches are a pure function of (seed, global
   step) (:class:`attnlab.data.windows.StepSampler`), so they continue exactly too; IMDb's
   length-bucketed sampler skips the batches of the interrupted epoch already trained (see
@@ -150,25 +151,6 @@ class NonFiniteGuard(pl.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.skipped = int(state_dict.get("skipped", 0))
-
-
-class SigtermCheckpoint(pl.Callback):
-    """On SIGTERM (SLURM pre-emption, ``kill``), save ``path`` after the current batch.
-
-    Lightning's signal connector sets ``trainer.received_sigterm`` and then stops with
-    ``SIGTERMException``; this callback writes the checkpoint first, in the same state a
-    periodic ``on_train_batch_end`` checkpoint has, so ``resume=true`` continues from it.
-    """
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = str(path)
-        self.saved_at: int | None = None
-
-    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
-        if trainer.received_sigterm and self.saved_at is None:
-            trainer.save_checkpoint(self.path)
-            self.saved_at = trainer.global_step
-            log.warning("SIGTERM: saved %s at step %d; stopping", self.path, trainer.global_step)
 
 
 class RNGStateCallback(pl.Callback):

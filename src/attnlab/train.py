@@ -19,16 +19,23 @@ import lightning.pytorch as pl
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
 from attnlab.callbacks import ThroughputMonitor, peak_memory_mb
+from attnlab.hardware import (
+    apply_threads,
+    device_type,
+    machine_info,
+    resolve_precision,
+    resolve_threads,
+)
+from attnlab.interrupts import Interrupted, Preemption, StopSignals, finish_interrupted, slurm_info
 from attnlab.models import build_model, count_parameters
 from attnlab.reliability import (
     AtomicCheckpointIO,
     NonFiniteGuard,
     RNGStateCallback,
-    SigtermCheckpoint,
     check_config,
     restore_metrics,
 )
@@ -88,8 +95,14 @@ def build_task(cfg: DictConfig, model: nn.Module, vocab_size: int) -> TaskModule
     return TASKS[cfg.task.kind](model, **kwargs)
 
 
-def build_loggers(cfg: DictConfig, run_dir: Path, params: dict[str, int]) -> list[Logger]:
-    """CSV always; W&B (offline unless told otherwise) when ``logger.kind == wandb``."""
+def build_loggers(
+    cfg: DictConfig, run_dir: Path, params: dict[str, int], runtime: dict[str, Any] | None = None
+) -> list[Logger]:
+    """CSV always; W&B (offline unless told otherwise) when ``logger.kind == wandb``.
+
+    ``runtime`` (precision and threads actually used, the machine, the SLURM job) is added to the
+    W&B config under ``runtime``.
+    """
     loggers: list[Logger] = [CSVLogger(str(run_dir), name="", version="")]
     lg = cfg.logger
     if lg.kind == "wandb":
@@ -103,7 +116,7 @@ def build_loggers(cfg: DictConfig, run_dir: Path, params: dict[str, int]) -> lis
                 job_type=lg.get("job_type", "train"),
                 name=f"{cfg.name}-seed{cfg.seed}",
                 tags=list(cfg.get("tags", [])) or None,
-                config=OmegaConf.to_container(cfg, resolve=True),
+                config={**OmegaConf.to_container(cfg, resolve=True), "runtime": runtime or {}},
             )
         )
     for logger in loggers:
@@ -111,26 +124,138 @@ def build_loggers(cfg: DictConfig, run_dir: Path, params: dict[str, int]) -> lis
     return loggers
 
 
-def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
-    """``resume``: false | true (this run dir's last.ckpt) | a run dir | a .ckpt path."""
-    resume = cfg.get("resume", False)
-    if resume in (False, None):
+def resume_checkpoint(cfg: DictConfig) -> str | None:
+    """The checkpoint to continue from, per ``resume``; may move ``paths.run_dir``.
+
+    - ``auto`` (default): ``<run dir>/checkpoints/last.ckpt`` if it exists (a requeued SLURM job,
+      or a command re-run into the same ``hydra.run.dir``), else start fresh;
+    - ``true``: ``<run dir>/checkpoints/last.ckpt``, which must exist;
+    - a run directory: its ``checkpoints/last.ckpt``; the run continues in that directory;
+    - a ``.ckpt`` file: continue from it, writing into this run's directory;
+    - ``false``: start fresh, in a run directory that holds no checkpoints yet.
+
+    Raises:
+        FileNotFoundError: ``resume`` names a checkpoint or run directory that does not exist.
+        ValueError: ``resume=false`` in a run directory that already holds a run's checkpoints
+            (starting over would overwrite them).
+    """
+    resume = cfg.get("resume", "auto")
+    run_dir = Path(cfg.paths.run_dir)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    text = str(resume).strip().lower() if resume is not None else "false"
+    if resume is False or text in ("false", "none", "null"):
+        if last.exists():
+            raise ValueError(
+                f"resume=false, but {run_dir} already holds a run ({last}); starting over would "
+                "overwrite it. Continue it with resume=auto (or true), or choose a new "
+                "hydra.run.dir."
+            )
         return None
-    path = run_dir if resume is True else Path(str(resume))
-    if path.is_dir():
-        path = path / "checkpoints" / "last.ckpt"
-    if not path.exists():
-        log.warning("resume requested but %s does not exist; starting from scratch", path)
+    if text == "auto":
+        if last.exists():
+            log.info("resume=auto: continuing the run in %s from %s", run_dir, last)
+            return str(last)
         return None
+    if resume is True or text == "true":
+        path = last
+    else:
+        path = Path(str(resume)).expanduser()
+        if path.is_dir():
+            if path.resolve() != run_dir.resolve():
+                with open_dict(cfg):
+                    cfg.paths.run_dir = str(path)
+                log.info("resume=%s: continuing the run in that directory", path)
+            path = path / "checkpoints" / "last.ckpt"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"resume={resume}: {path} does not exist. Pass the run directory of an earlier run "
+            "(resume=<run dir>) or its checkpoint (resume=<run dir>/checkpoints/last.ckpt); "
+            "resume=auto starts fresh when there is nothing to continue."
+        )
     log.info("resuming from %s", path)
     return str(path)
 
 
+def resolve_runtime(cfg: DictConfig) -> dict[str, Any]:
+    """Resolve what the hardware decides, once, before anything is read (DESIGN.md, 14).
+
+    Sets ``cfg.trainer.precision`` to the precision that will run (``auto`` resolved) and
+    returns the record that goes into ``summary.json`` and the W&B config: ``precision``,
+    ``precision_reason``, ``threads``, ``threads_reason``, ``device``, ``hardware``, ``slurm``.
+
+    Raises:
+        ValueError: a GPU trainer without a GPU, an unknown precision, fp16 on the CPU, or bad
+            ``threads`` (see :mod:`attnlab.hardware`).
+    """
+    device = device_type(cfg.trainer.get("accelerator", "auto"))
+    precision = resolve_precision(cfg.trainer.get("precision", "auto"), device)
+    threads = resolve_threads(cfg.get("threads", "auto"), _processes_per_machine(cfg, device))
+    with open_dict(cfg):
+        cfg.trainer.precision = precision.value
+    return {
+        "device": device,
+        "precision": precision.value,
+        "precision_reason": precision.reason,
+        "threads": threads.value,
+        "threads_reason": threads.reason,
+        "hardware": machine_info(device),
+        "slurm": slurm_info(),
+    }
+
+
+def _processes_per_machine(cfg: DictConfig, device: str) -> int:
+    """CPU DDP runs one process per device on this machine; everything else one."""
+    devices = cfg.trainer.get("devices", 1)
+    strategy = str(cfg.trainer.get("strategy", "auto"))
+    if device == "cpu" and strategy.startswith("ddp") and isinstance(devices, int):
+        return max(1, devices)
+    return 1
+
+
+def start_line(runtime: dict[str, Any]) -> str:
+    """The one line a run prints at start: precision and threads, and why."""
+    hw = runtime["hardware"]
+    where = hw.get("gpu") or hw["cpu"]
+    line = (
+        f"attnlab: {runtime['device']} ({where}), precision {runtime['precision']} "
+        f"({runtime['precision_reason']}), {runtime['threads']} torch threads "
+        f"({runtime['threads_reason']})"
+    )
+    if runtime.get("slurm"):
+        line += f", SLURM job {runtime['slurm']['job_id']}"
+    return line
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Fit, test and summarise one run. Returns the summary (also written to summary.json)."""
+    """Fit, test and summarise one run. Returns the summary (also written to summary.json).
+
+    Raises:
+        ValueError: a config error, found before any data is read.
+        Interrupted: a stop signal (SIGTERM; SLURM's USR1/USR2) ended the run early, after saving
+            ``last.ckpt`` (and requeueing, under SLURM); a ``SystemExit`` with status 128 + signal.
+    """
     start = time.perf_counter()
     check_config(cfg)
+    runtime = resolve_runtime(cfg)
     build_network(cfg, vocab_size=8)  # bad model/attention settings fail before data loading
+    ckpt_path = resume_checkpoint(cfg)  # may move paths.run_dir (resume=<run dir>)
+    signals = StopSignals(slurm=runtime["slurm"] is not None)
+    signals.install()
+    try:
+        return _train(cfg, runtime, signals, ckpt_path, start)
+    finally:
+        signals.restore()
+
+
+def _train(
+    cfg: DictConfig,
+    runtime: dict[str, Any],
+    signals: StopSignals,
+    ckpt_path: str | None,
+    start: float,
+) -> dict[str, Any]:
+    apply_threads(runtime["threads"])
+    log.info(start_line(runtime))
     run_dir = Path(cfg.paths.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
@@ -164,28 +289,42 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         )
     callbacks += [
         NonFiniteGuard(cfg.get("nonfinite", "stop")),
-        SigtermCheckpoint(ckpt_dir / "last.ckpt"),
+        Preemption(signals, ckpt_dir / "last.ckpt"),
         RNGStateCallback(),
     ]
-    ckpt_path = resume_checkpoint(cfg, run_dir)
     pre_resume = run_dir / "metrics.pre-resume.csv"
     if ckpt_path and (run_dir / "metrics.csv").exists():
         restore_metrics(run_dir, pre_resume)  # left behind by a resumed run that crashed
         (run_dir / "metrics.csv").replace(pre_resume)  # CSVLogger would delete it
-    loggers = build_loggers(cfg, run_dir, params)
+    loggers = build_loggers(cfg, run_dir, params, runtime)
     trainer: pl.Trainer = instantiate(
         cfg.trainer,
         _target_="lightning.pytorch.Trainer",
         callbacks=callbacks,
         logger=loggers,
         default_root_dir=str(run_dir),
-        plugins=[AtomicCheckpointIO()],
+        plugins=_plugins(),
     )
-    trainer.fit(task, datamodule=dm, ckpt_path=ckpt_path)
-    fit_time = time.perf_counter() - start
-
-    best_path = checkpoint.best_model_path or None
-    test_metrics = trainer.test(task, datamodule=dm, ckpt_path=best_path or None)[0]
+    try:
+        trainer.fit(task, datamodule=dm, ckpt_path=ckpt_path)
+        fit_time = time.perf_counter() - start
+        best_path = checkpoint.best_model_path or None
+        test_metrics = trainer.test(task, datamodule=dm, ckpt_path=best_path or None)[0]
+    except Interrupted as err:
+        msg = finish_interrupted(err, runtime["slurm"], ckpt_dir / "last.ckpt")
+        if trainer.is_global_zero:
+            restore_metrics(run_dir, pre_resume)
+            interrupted = {
+                "status": "interrupted",
+                "error": msg,
+                "global_step": trainer.global_step,
+                "last_checkpoint": str(ckpt_dir / "last.ckpt"),
+                "run_dir": str(run_dir),
+                **{k: runtime[k] for k in ("precision", "threads", "hardware", "slurm")},
+            }
+            (run_dir / "summary.json").write_text(json.dumps(interrupted, indent=2))
+        log.error("attnlab train: %s", msg)
+        raise
     best = checkpoint.best_model_score
     summary = {
         "status": "completed",
@@ -209,12 +348,26 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         **throughput.summary,
         "best_checkpoint": best_path,
         "run_dir": str(run_dir),
+        **{k: runtime[k] for k in ("precision", "precision_reason", "threads", "threads_reason")},
+        "hardware": runtime["hardware"],
+        "slurm": runtime["slurm"],
     }
     if trainer.is_global_zero:
         restore_metrics(run_dir, pre_resume)
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         print(format_summary(summary))
     return summary
+
+
+def _plugins() -> list[Any]:
+    """Atomic checkpoint writes; under SLURM, Lightning's cluster environment without its own
+    auto-requeue (attnlab requeues itself: :mod:`attnlab.interrupts`)."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    plugins: list[Any] = [AtomicCheckpointIO()]
+    if SLURMEnvironment.detect():
+        plugins.append(SLURMEnvironment(auto_requeue=False))
+    return plugins
 
 
 def _choice(group: str, cfg: DictConfig) -> str:
@@ -246,6 +399,7 @@ def format_summary(s: dict[str, Any]) -> str:
         ("wall time", f"{s['wall_time_s']:.0f} s"),
         ("train tokens/s", f"{s['tokens_per_sec']:,.0f}"),
         ("peak memory", f"{s['peak_mem_mb']:,.0f} MiB"),
+        ("precision / threads", f"{s.get('precision', '?')} / {s.get('threads', '?')}"),
         ("run dir", s["run_dir"]),
     ]
     width = max(len(k) for k, _ in rows)

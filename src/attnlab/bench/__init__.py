@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import platform
 import time
 from functools import partial
 from pathlib import Path
@@ -30,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from attnlab.bench import generation, kernels, report, training
 from attnlab.config import available
+from attnlab.hardware import machine_info, resolve_precision
 
 STEP_VARIANTS = ("softmax", "linear")  # generation: KV cache vs recurrent state
 
@@ -41,17 +41,6 @@ def settings(cfg: DictConfig) -> dict[str, Any]:
         for section, over in OmegaConf.to_container(cfg.quick, resolve=True).items():
             b[section].update(over)
     return b
-
-
-def cpu_name() -> str:
-    """The CPU model name from /proc/cpuinfo (what ``lscpu`` prints), else platform's."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def attention_partials(names: list[str]) -> dict[str, Any]:
@@ -85,13 +74,17 @@ def run_bench(cfg: DictConfig) -> dict[str, Any]:
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     mmap_fixed = kernels.fixed_mmap_threshold()
     start = time.perf_counter()
+    t = b["training"]
+    precision = resolve_precision(t["precision"], "cpu")  # the training part runs on the CPU
+    t["precision"] = precision.value
+    print(f"== training precision {precision.value} ({precision.reason})")
     res: dict[str, Any] = {
         "machine": {
-            "cpu": cpu_name(),
+            **machine_info(device.type),
             "threads": torch.get_num_threads(),
             "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-            "torch": torch.__version__,
         },
+        "precision": {"training": precision.value, "reason": precision.reason},
         "settings": b,
         "glibc_fixed_mmap_threshold": mmap_fixed,
         "dtype": str(dtype),
@@ -111,7 +104,6 @@ def run_bench(cfg: DictConfig) -> dict[str, Any]:
         print("== generation: time per token")
         gen_partials = {n: partials[n] for n in STEP_VARIANTS if n in partials}
         res["generation"] = generation.generation(gen_partials, g)
-    t = b["training"]
     if device.type == "cpu" and t["tasks"]:
         print(f"== training tokens/s, Lightning vs plain loop ({t['precision']})")
         res["training"] = training.overhead(t)
