@@ -42,5 +42,5 @@ def test_scheduler_drives_the_learning_rate():
         sched.step()
         lrs.append(opt.param_groups[0]["lr"])
     assert max(lrs) == pytest.approx(1e-2) and lrs[-1] < 1e-3
-    with pytest.raises(ValueError, match="optim.lr must be positive"):
+    with pytest.raises(ValueError, match="optim.lr must be a positive number"):
         build_optimizer(model, total_steps=10, lr=0)

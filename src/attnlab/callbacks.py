@@ -29,7 +29,9 @@ class ThroughputMonitor(pl.Callback):
     ``train/tokens_seen`` (cumulative, per process times world size) and
     ``train/peak_mem_mb``; records the totals in ``self.summary``.
 
-    ``tokens_seen`` is a checkpointed state, so a resumed run continues the count.
+    The totals are checkpointed, so after a resume :attr:`summary` covers the whole run:
+    ``tokens_seen``, training time and tokens (for tokens/s), the wall time of the fit up to the
+    checkpoint (``fit_time_s``) and the number of attempts (starts, counting resumes).
     """
 
     def __init__(self, log_every: int = 20) -> None:
@@ -39,6 +41,18 @@ class ThroughputMonitor(pl.Callback):
         self._window_start: float | None = None
         self._train_time = 0.0
         self._train_tokens = 0
+        self._fit_time_before = 0.0  # fit wall time of earlier attempts, up to the checkpoint
+        self._fit_start: float | None = None
+        self.attempts = 1
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._fit_start = time.perf_counter()
+
+    @property
+    def fit_time_s(self) -> float:
+        """Wall seconds of fitting over all attempts (each counted up to its checkpoint)."""
+        now = time.perf_counter() - self._fit_start if self._fit_start is not None else 0.0
+        return self._fit_time_before + now
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
@@ -90,12 +104,32 @@ class ThroughputMonitor(pl.Callback):
 
     @property
     def summary(self) -> dict[str, float]:
-        """Mean training throughput (tokens/s, excluding evaluation) and tokens seen."""
+        """Training throughput (tokens/s, excluding evaluation), tokens seen, training seconds,
+        fit wall seconds and attempts, all over the whole run (resumes included)."""
+        self._close_window()
         rate = self._train_tokens / self._train_time if self._train_time else float("nan")
-        return {"tokens_per_sec": rate, "tokens_seen": float(self.tokens_seen)}
+        return {
+            "tokens_per_sec": rate,
+            "tokens_seen": float(self.tokens_seen),
+            "train_time_s": self._train_time,
+            "fit_time_s": self.fit_time_s,
+            "attempts": self.attempts,
+        }
 
     def state_dict(self) -> dict[str, Any]:
-        return {"tokens_seen": self.tokens_seen}
+        self._close_window()
+        return {
+            "tokens_seen": self.tokens_seen,
+            "train_time": self._train_time,
+            "train_tokens": self._train_tokens,
+            "fit_time": self.fit_time_s,
+            "attempts": self.attempts,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.tokens_seen = int(state_dict.get("tokens_seen", 0))
+        self._train_time = float(state_dict.get("train_time", 0.0))
+        self._train_tokens = int(state_dict.get("train_tokens", 0))
+        self._fit_time_before = float(state_dict.get("fit_time", 0.0))
+        self._fit_start = time.perf_counter()  # restored at the start of this attempt's fit
+        self.attempts = int(state_dict.get("attempts", 1)) + 1

@@ -6,7 +6,7 @@ off, so there is no second one):
 - **Signals.** SIGTERM always; under SLURM also SIGUSR1 and SIGUSR2 (submitit asks SLURM for
   ``--signal=USR2@<signal_delay_s>`` before the time limit; sbatch scripts often use USR1).
   The handler only records the signal (and forwards it to local DDP workers).
-- **Safe points.** :class:`Preemption` acts at the next point where a checkpoint resumes exactly:
+- **Safe points.** :class:`LastCheckpoint` acts at the next point where a checkpoint resumes exactly:
   at the end of the current training batch it saves ``last.ckpt`` and stops; a signal during
   validation lets validation finish (the checkpoint callbacks save at its end), then it saves
   and stops; during the final test it stops after the current batch (``resume`` re-runs the
@@ -73,6 +73,34 @@ def slurm_info() -> dict[str, Any] | None:
     }
 
 
+def job_state(job_id: str) -> str | None:
+    """SLURM's state of ``job_id`` (``squeue -o %T``), e.g. ``RUNNING``; ``None`` if unknown.
+
+    A job being pre-empted (in its grace time) or warned of its time limit is ``RUNNING``; after
+    ``scancel`` or an ``scontrol requeue`` from outside it is ``COMPLETING``.
+    """
+    try:
+        proc = subprocess.run(
+            ["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True, timeout=30
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    state = proc.stdout.strip().splitlines()
+    return state[0].strip() if proc.returncode == 0 and state else None
+
+
+def max_time_requeues(default: int = 5) -> int:
+    """How often a job may requeue itself after time-limit warnings (USR1/USR2): the submitit
+    launcher's ``max_num_timeout`` when running under it, else ``default``."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        value = HydraConfig.get().launcher.get("max_num_timeout")
+        return int(value) if value is not None else default
+    except Exception:
+        return default
+
+
 def requeue(job_id: str) -> tuple[bool, str]:
     """``scontrol requeue <job_id>``; returns (ok, what scontrol said)."""
     if not re.fullmatch(r"[0-9]+(_[0-9]+)?", job_id):
@@ -112,10 +140,14 @@ class StopSignals:
             self._previous.setdefault(s, previous)
 
     def restore(self) -> None:
-        """Put back the handlers that were there before :meth:`install`."""
+        """Put back the handlers that were there before :meth:`install`. SLURM's early-warning
+        signals (USR1/USR2) are ignored from then on: the run is over, and a late one must not
+        kill the process on its way out (or requeue a finished job)."""
         if threading.current_thread() is not threading.main_thread():
             return
         for s, handler in self._previous.items():
+            if s in (signal.SIGUSR1, signal.SIGUSR2):
+                handler = signal.SIG_IGN
             signal.signal(s, handler if handler is not None else signal.SIG_DFL)
         self._previous = {}
 
@@ -134,22 +166,53 @@ class StopSignals:
             )
 
 
-class Preemption(Checkpoint):
-    """Act on a recorded stop signal at the next safe point (see the module docstring).
+class LastCheckpoint(Checkpoint):
+    """Keep ``last.ckpt`` at points a run resumes from exactly, and act on stop signals there.
+
+    - every ``every_n_steps`` optimizer steps (``checkpoint_every_n_steps``), at the end of the
+      batch -- unless a validation runs right after that batch: then the save happens at the
+      end of the validation (the ``best`` ``ModelCheckpoint`` writes ``last.ckpt`` there too).
+      Lightning restores a checkpoint taken at the end of an epoch's last batch, before its
+      validation, into a corrupt epoch count (a later resume replays an epoch), so none is
+      taken there;
+    - a recorded stop signal (:class:`StopSignals`) is acted on at the same points: save, then
+      raise :class:`Interrupted`; during the final test, stop after the current batch.
 
     A :class:`~lightning.pytorch.callbacks.Checkpoint` so that Lightning orders it after the
-    ``ModelCheckpoint`` callbacks: at the end of a validation, ``best.ckpt``/``last.ckpt`` are
-    written before it saves and stops. Under DDP the ranks agree (any rank's signal stops all)
-    before anything is saved.
+    ``ModelCheckpoint`` callbacks (at a validation's end ``best.ckpt`` is written first). Under
+    DDP the ranks agree first (any rank's signal stops all).
+
+    It also enforces ``trainer.max_steps`` (Lightning runs with ``max_steps=-1``): at that step
+    it asks the trainer to stop, and Lightning validates before it does. Lightning's own
+    step-limited ("iteration-based") mode resumes a checkpoint taken at an epoch's end into
+    the wrong epoch, so it is not used.
 
     Args:
         signals: the run's :class:`StopSignals`.
-        last_path: where to save (``<run dir>/checkpoints/last.ckpt``).
+        path: ``<run dir>/checkpoints/last.ckpt``.
+        every_n_steps: periodic saves (``None``: only at validation and on a stop signal).
+        max_steps: stop after this many optimizer steps (``None`` or ``<= 0``: no limit).
     """
 
-    def __init__(self, signals: StopSignals, last_path: str | Path) -> None:
-        self.signals, self.last_path = signals, str(last_path)
+    def __init__(
+        self,
+        signals: StopSignals,
+        path: str | Path,
+        every_n_steps: int | None = None,
+        max_steps: int | None = None,
+    ):
+        self.signals, self.path = signals, str(path)
+        self.every_n_steps = every_n_steps
+        self.max_steps = int(max_steps) if max_steps and max_steps > 0 else None
         self.saved_at: int | None = None
+        self.validated_at: int | None = None  # global step of the newest fit validation
+        self._pending: Interrupted | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"validated_at": self.validated_at}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.validated_at = state_dict.get("validated_at")
 
     def _requested(self, trainer: pl.Trainer) -> bool:
         local = self.signals.received is not None
@@ -157,26 +220,63 @@ class Preemption(Checkpoint):
             return bool(trainer.strategy.reduce_boolean_decision(local, all=False))
         return local
 
+    def _save(self, trainer: pl.Trainer) -> None:
+        if self.saved_at != trainer.global_step or not Path(self.path).exists():
+            trainer.save_checkpoint(self.path)
+            self.saved_at = trainer.global_step
+
     def _stop(self, trainer: pl.Trainer, where: str) -> None:
-        trainer.save_checkpoint(self.last_path)
-        self.saved_at = trainer.global_step
-        signum = self.signals.received or signal.SIGTERM
-        raise Interrupted(signum, where, trainer.global_step)
+        """Save now; raise once Lightning has logged this batch (next batch start, or the end
+        of training): raising inside the hook would drop the batch's row from metrics.csv."""
+        self._save(trainer)
+        self._pending = Interrupted(self.signals.received or signal.SIGTERM, where, self.saved_at)
+
+    def _raise_pending(self) -> None:
+        if self._pending is not None:
+            err, self._pending = self._pending, None
+            raise err
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        self._raise_pending()
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._raise_pending()  # the stop came on the last batch: do not go on to the test
+
+    def _limit(self, trainer: pl.Trainer) -> None:
+        if self.max_steps is not None and trainer.global_step >= self.max_steps:
+            trainer.should_stop = True  # Lightning validates, then ends the fit
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.signals.install(trainer)  # over Lightning's SIGTERM handler: one mechanism
+        self._limit(trainer)  # a resumed run that had already reached max_steps
         if self._requested(trainer):  # arrived while the data and model were set up
             raise Interrupted(self.signals.received or signal.SIGTERM, "before training", None)
 
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.signals.install(trainer)
+        if self._requested(trainer):
+            raise Interrupted(self.signals.received or signal.SIGTERM, "test", trainer.global_step)
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
-        if self._requested(trainer) and not self._validation_due(trainer):
+        self._limit(trainer)
+        if self._validation_due(trainer):
+            return  # saved (and stopped, if asked) at the end of that validation
+        if self._requested(trainer):
             self._stop(trainer, "training")
+            return
+        step = trainer.global_step
+        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0:
+            self._save(trainer)
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # before ModelCheckpoint saves in on_validation_end, so the saved state has it
+        if not trainer.sanity_checking and trainer.state.fn == "fit":
+            self.validated_at = trainer.global_step
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.sanity_checking and trainer.training is False and self._requested(trainer):
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        if self._requested(trainer) and self._pending is None:
             self._stop(trainer, "validation")
 
     def on_test_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
@@ -185,11 +285,13 @@ class Preemption(Checkpoint):
 
     @staticmethod
     def _validation_due(trainer: pl.Trainer) -> bool:
-        """Whether a validation runs right after this batch (then stop after it instead)."""
-        loop = trainer.fit_loop.epoch_loop
+        """Whether a validation runs right after this training batch."""
+        loop = trainer.fit_loop
+        if not trainer.val_dataloaders and trainer.limit_val_batches == 0:
+            return False
         try:
-            return bool(loop._should_check_val_fx(trainer.fit_loop._data_fetcher))
-        except Exception:  # private Lightning API: if it moves, stop at once (still exact)
+            return bool(loop.epoch_loop._should_check_val_fx(loop._data_fetcher))
+        except Exception:  # private Lightning API: if it moves, save at once (mid-epoch: exact)
             return False
 
 
@@ -203,14 +305,27 @@ def finish_interrupted(err: Interrupted, slurm: dict[str, Any] | None, ckpt: Pat
     }[err.where]
     msg = f"{err.signal_name}: {where}; the run is NOT finished"
     if slurm is not None and str(slurm.get("procid") or "0") == "0":
-        ok, said = requeue(slurm["job_id"])
-        if ok:
-            msg += (
-                f"; requeued SLURM job {slurm['job_id']}: it resumes from the last checkpoint "
-                "in the same run dir"
-            )
-        else:
-            msg += f"; could not requeue SLURM job {slurm['job_id']} ({said})"
-    if slurm is None or "requeued" not in msg:
+        msg += "; " + _slurm_requeue(err, slurm)
+    if slurm is None or "; requeued" not in msg:
         msg += f"; continue it with the same overrides plus resume={ckpt.parent.parent}"
     return f"{msg}. Exit status {err.code}."
+
+
+def _slurm_requeue(err: Interrupted, slurm: dict[str, Any]) -> str:
+    """Requeue this SLURM job if it was pre-empted or warned of its time limit (and not too
+    often); not if it was cancelled or requeued from outside. Returns what happened."""
+    job = slurm["job_id"]
+    state = job_state(job)
+    if state not in (None, "RUNNING"):
+        return f"SLURM job {job} is {state} (cancelled, or requeued from outside): not requeued"
+    timeouts = err.signum in (signal.SIGUSR1, signal.SIGUSR2)
+    limit = max_time_requeues()
+    if timeouts and slurm.get("restart_count", 0) >= limit:
+        return (
+            f"SLURM job {job} already requeued {slurm['restart_count']} times (limit {limit}, "
+            "hydra.launcher.max_num_timeout): not requeued"
+        )
+    ok, said = requeue(job)
+    if ok:
+        return f"requeued SLURM job {job}: it resumes from the last checkpoint in the same run dir"
+    return f"could not requeue SLURM job {job} ({said})"

@@ -24,6 +24,28 @@ from attnlab.layers import (
 AttentionFactory = Callable[..., Attention]
 
 
+#: Attention arguments the backbone fills in, and the setting that controls each.
+BACKBONE_OWNED = {
+    "d_model": "model.d_model",
+    "n_heads": "model.n_heads",
+    "causal": "the task (language modelling is causal)",
+    "max_len": "task.max_len",
+    "rope": "model.positions",
+}
+
+
+def _check_backbone_owned(attention: AttentionFactory) -> None:
+    """A value set in the attention config for an argument the backbone fills in would be
+    silently replaced: raise ``ValueError`` naming the setting to use instead."""
+    keywords = getattr(attention, "keywords", None) or {}
+    for key, owner in BACKBONE_OWNED.items():
+        if key in keywords:
+            raise ValueError(
+                f"attention.{key}={keywords[key]!r} would be ignored: the backbone sets it from "
+                f"{owner}. Remove attention.{key} and set {owner} instead."
+            )
+
+
 class Backbone(nn.Module):
     """Token embedding, positions, ``n_layers`` blocks and (pre-norm) a final norm.
 
@@ -70,8 +92,14 @@ class Backbone(nn.Module):
         ):
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"model.{name} must be a positive integer, got {value!r}.")
-        if not 0.0 <= float(dropout) < 1.0:
+        if not isinstance(dropout, int | float) or not 0.0 <= float(dropout) < 1.0:
             raise ValueError(f"model.dropout must be in [0, 1), got {dropout!r}.")
+        if ffn_hidden is not None and (not isinstance(ffn_hidden, int) or ffn_hidden <= 0):
+            raise ValueError(
+                f"model.ffn_hidden must be a positive integer, or null for the default width, "
+                f"got {ffn_hidden!r}."
+            )
+        _check_backbone_owned(attention)
         norm_cls = choose("norm", norm, NORMS)
         ffn_cls = choose("ffn", ffn, FEEDFORWARDS)
         self.positions = choose("positions", positions, POSITIONS)

@@ -53,11 +53,20 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, N
 
 
 def check_config(cfg: DictConfig) -> None:
-    """Validate the reliability keys of a train config (``nonfinite``, ``checkpoint_every_n_steps``).
+    """Validate what can be checked before anything is built or read: ``optim.*``, ``nonfinite``,
+    ``nonfinite_max_skipped``, ``checkpoint_every_n_steps``.
 
     Raises:
         ValueError: naming the key, the bad value and the valid choices.
     """
+    from omegaconf import OmegaConf
+
+    from attnlab.optim import check_optim
+
+    check_optim(OmegaConf.to_container(cfg.get("optim", {}), resolve=True))
+    frac = cfg.get("nonfinite_max_skipped", 0.05)
+    if isinstance(frac, bool) or not isinstance(frac, int | float) or not 0 <= frac <= 1:
+        raise ValueError(f"nonfinite_max_skipped={frac!r} must be a fraction in [0, 1].")
     mode = cfg.get("nonfinite", "stop")
     if mode not in NONFINITE_MODES:
         raise ValueError(f"nonfinite={mode!r} is not one of {list(NONFINITE_MODES)}.")

@@ -42,7 +42,16 @@ class TaskModule(pl.LightningModule):
         return self.model(*args, **kwargs)
 
     def configure_optimizers(self) -> dict:
-        total = int(self.trainer.estimated_stepping_batches)
+        total = self.trainer.estimated_stepping_batches
+        limit = (self.run_config.get("trainer") or {}).get("max_steps", -1) or -1
+        if limit > 0:  # attnlab enforces trainer.max_steps itself (attnlab.interrupts)
+            total = min(total, limit)
+        if total == float("inf"):
+            raise ValueError(
+                "trainer.max_epochs=-1 and trainer.max_steps=-1: the run would never end and the "
+                "learning-rate schedule has no length; set one of them."
+            )
+        total = int(total)
         opt, sched = build_optimizer(self.model, total_steps=total, **self.optim)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
@@ -23,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
 from attnlab.callbacks import ThroughputMonitor, peak_memory_mb
+from attnlab.config import job_overrides, slug
 from attnlab.hardware import (
     apply_threads,
     device_type,
@@ -30,7 +32,13 @@ from attnlab.hardware import (
     resolve_precision,
     resolve_threads,
 )
-from attnlab.interrupts import Interrupted, Preemption, StopSignals, finish_interrupted, slurm_info
+from attnlab.interrupts import (
+    Interrupted,
+    LastCheckpoint,
+    StopSignals,
+    finish_interrupted,
+    slurm_info,
+)
 from attnlab.models import build_model, count_parameters
 from attnlab.reliability import (
     AtomicCheckpointIO,
@@ -56,9 +64,29 @@ BACKBONE_KEYS = (
 )
 
 
+def make_datamodule(cfg: DictConfig) -> pl.LightningDataModule:
+    """Instantiate ``cfg.task.data``; its constructor checks the settings and reads nothing.
+
+    Raises:
+        ValueError: a bad ``task.data.*`` value, as one line naming the key (Hydra's
+            multi-line instantiation error is unwrapped).
+    """
+    from hydra.errors import InstantiationException
+
+    try:
+        return instantiate(cfg.task.data)
+    except InstantiationException as err:
+        cause = err.__cause__ or err
+        if isinstance(cause, TypeError):  # an unknown or missing argument
+            raise ValueError(f"task.data: {cause}") from err
+        if isinstance(cause, ValueError | FileNotFoundError):
+            raise type(cause)(f"task.data: {cause}") from err
+        raise
+
+
 def build_datamodule(cfg: DictConfig) -> pl.LightningDataModule:
     """Instantiate ``cfg.task.data`` and set it up for fitting (tokenizer, splits)."""
-    dm = instantiate(cfg.task.data)
+    dm = make_datamodule(cfg)
     dm.prepare_data()
     dm.setup("fit")
     return dm
@@ -95,26 +123,59 @@ def build_task(cfg: DictConfig, model: nn.Module, vocab_size: int) -> TaskModule
     return TASKS[cfg.task.kind](model, **kwargs)
 
 
+def run_names(cfg: DictConfig) -> tuple[str, str]:
+    """``(group, name)`` of a run for trackers: the group is ``<study>/<name>`` plus the job's
+    overrides (Hydra's ``override_dirname``, seed and bookkeeping keys excluded), so the seeds of
+    one configuration share a group and different configurations never do; the name adds
+    ``-seed<seed>``."""
+    overrides = job_overrides()
+    base = f"{cfg.name}[{slug(overrides, max_len=80)}]" if overrides else str(cfg.name)
+    group = str(cfg.logger.get("group") or f"{cfg.study}/{base}")
+    return group[:128], f"{base}-seed{cfg.seed}"  # W&B takes at most 128 characters
+
+
+def wandb_run_id(run_dir: Path) -> tuple[str, bool]:
+    """The W&B run id of this run directory (kept in ``<run dir>/wandb_id``) and whether it
+    already existed, i.e. whether this start continues an earlier W&B run."""
+    path = run_dir / "wandb_id"
+    if path.is_file() and path.read_text().strip():
+        return path.read_text().strip(), True
+    import secrets
+
+    run_id = secrets.token_hex(4)  # W&B ids: lowercase letters and digits
+    path.write_text(run_id + "\n")
+    return run_id, False
+
+
 def build_loggers(
     cfg: DictConfig, run_dir: Path, params: dict[str, int], runtime: dict[str, Any] | None = None
 ) -> list[Logger]:
     """CSV always; W&B (offline unless told otherwise) when ``logger.kind == wandb``.
 
+    One W&B run per run directory: its id is kept in ``<run dir>/wandb_id`` and a resumed run
+    continues it (``resume="allow"``); :func:`finish_trackers` ends it when the job ends.
     ``runtime`` (precision and threads actually used, the machine, the SLURM job) is added to the
     W&B config under ``runtime``.
     """
     loggers: list[Logger] = [CSVLogger(str(run_dir), name="", version="")]
     lg = cfg.logger
     if lg.kind == "wandb":
+        finish_trackers()  # a run left open by an earlier job in this process must not be reused
+        group, name = run_names(cfg)
+        run_id, resumed = wandb_run_id(run_dir)
+        if resumed:
+            log.info("W&B: continuing run %s (%s)", run_id, name)
         loggers.append(
             WandbLogger(
                 project=lg.project,
                 entity=lg.get("entity"),
                 offline=bool(lg.offline),
                 save_dir=str(run_dir),
-                group=lg.group,
+                group=group,
                 job_type=lg.get("job_type", "train"),
-                name=f"{cfg.name}-seed{cfg.seed}",
+                name=name,
+                id=run_id,
+                resume="allow",
                 tags=list(cfg.get("tags", [])) or None,
                 config={**OmegaConf.to_container(cfg, resolve=True), "runtime": runtime or {}},
             )
@@ -122,6 +183,16 @@ def build_loggers(
     for logger in loggers:
         logger.log_hyperparams({"params": params})
     return loggers
+
+
+def finish_trackers(exit_code: int = 0) -> None:
+    """End this process's W&B run, if one is open, so the next job (a sweep runs its jobs in one
+    process) starts its own instead of logging into this one."""
+    import sys
+
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish(exit_code=exit_code)
 
 
 def resume_checkpoint(cfg: DictConfig) -> str | None:
@@ -241,10 +312,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     ckpt_path = resume_checkpoint(cfg)  # may move paths.run_dir (resume=<run dir>)
     signals = StopSignals(slurm=runtime["slurm"] is not None)
     signals.install()
+    exit_code = 1
     try:
-        return _train(cfg, runtime, signals, ckpt_path, start)
+        summary = _train(cfg, runtime, signals, ckpt_path, start)
+        exit_code = 0
+        return summary
+    except SystemExit as stop:  # Interrupted: 128 + signal
+        exit_code = stop.code if isinstance(stop.code, int) else 1
+        raise
     finally:
         signals.restore()
+        finish_trackers(exit_code)
 
 
 def _train(
@@ -268,6 +346,9 @@ def _train(
     task = build_task(cfg, model, vocab_size)
 
     ckpt_dir = run_dir / "checkpoints"
+    # Fixed names (no -v1 copies): best.ckpt is replaced only by a better model (its score is
+    # part of the checkpointed callback state, so this holds across resumes); last.ckpt is
+    # written at every validation and by LastCheckpoint.
     checkpoint = ModelCheckpoint(
         dirpath=str(ckpt_dir),
         filename="best",
@@ -275,21 +356,19 @@ def _train(
         mode=cfg.task.monitor_mode,
         save_top_k=1,
         save_last=True,
+        enable_version_counter=False,
     )
     throughput = ThroughputMonitor(log_every=cfg.trainer.get("log_every_n_steps", 20))
-    callbacks = [checkpoint, throughput, LearningRateMonitor(logging_interval="step")]
-    if cfg.get("checkpoint_every_n_steps"):  # Lightning defers monitored saves to validation
-        callbacks.append(
-            ModelCheckpoint(
-                dirpath=str(ckpt_dir),
-                filename="last",
-                every_n_train_steps=cfg.checkpoint_every_n_steps,
-                enable_version_counter=False,
-            )
-        )
-    callbacks += [
+    max_steps = int(cfg.trainer.get("max_steps", -1) or -1)  # enforced by LastCheckpoint
+    last_ckpt = LastCheckpoint(
+        signals, ckpt_dir / "last.ckpt", cfg.get("checkpoint_every_n_steps"), max_steps
+    )
+    callbacks = [
+        checkpoint,
+        throughput,
+        LearningRateMonitor(logging_interval="step"),
         NonFiniteGuard(cfg.get("nonfinite", "stop")),
-        Preemption(signals, ckpt_dir / "last.ckpt"),
+        last_ckpt,
         RNGStateCallback(),
     ]
     pre_resume = run_dir / "metrics.pre-resume.csv"
@@ -304,12 +383,20 @@ def _train(
         logger=loggers,
         default_root_dir=str(run_dir),
         plugins=_plugins(),
+        max_steps=-1,
     )
     try:
+        fit_start = time.perf_counter()
         trainer.fit(task, datamodule=dm, ckpt_path=ckpt_path)
-        fit_time = time.perf_counter() - start
+        this_fit = time.perf_counter() - fit_start
+        validate_final(trainer, task, dm, checkpoint, last_ckpt)
         best_path = checkpoint.best_model_path or None
-        test_metrics = trainer.test(task, datamodule=dm, ckpt_path=best_path or None)[0]
+        if best_path:  # the best weights only: ckpt_path= would also restore every callback's
+            # state from best.ckpt (tokens seen, times, skipped steps), so the summary would
+            # report the run as it was at its best validation, not at its end
+            state = torch.load(best_path, map_location="cpu", weights_only=False)["state_dict"]
+            task.load_state_dict(state)
+        test_metrics = trainer.test(task, datamodule=dm)[0]
     except Interrupted as err:
         msg = finish_interrupted(err, runtime["slurm"], ckpt_dir / "last.ckpt")
         if trainer.is_global_zero:
@@ -326,6 +413,7 @@ def _train(
         log.error("attnlab train: %s", msg)
         raise
     best = checkpoint.best_model_score
+    run_time = throughput.summary
     summary = {
         "status": "completed",
         "task": cfg.task.name,
@@ -342,11 +430,12 @@ def _train(
         "test": {k: float(v) for k, v in test_metrics.items()},
         "global_step": trainer.global_step,
         "epochs": trainer.current_epoch,
-        "fit_time_s": fit_time,
-        "wall_time_s": time.perf_counter() - start,
+        # over the whole run: earlier attempts' fit time (up to their last checkpoint) included
+        "wall_time_s": run_time["fit_time_s"] + (time.perf_counter() - start - this_fit),
         "peak_mem_mb": peak_memory_mb(task.device),
-        **throughput.summary,
+        **run_time,
         "best_checkpoint": best_path,
+        "last_checkpoint": str(ckpt_dir / "last.ckpt"),
         "run_dir": str(run_dir),
         **{k: runtime[k] for k in ("precision", "precision_reason", "threads", "threads_reason")},
         "hardware": runtime["hardware"],
@@ -357,6 +446,36 @@ def _train(
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         print(format_summary(summary))
     return summary
+
+
+def validate_final(
+    trainer: pl.Trainer,
+    task: TaskModule,
+    dm: pl.LightningDataModule,
+    checkpoint: ModelCheckpoint,
+    last: LastCheckpoint,
+) -> None:
+    """Validate the final weights when training ended between validations (``max_steps``), so
+    ``best.ckpt`` is the best of every model the run ended with; it is replaced only by a better
+    score, and ``last.ckpt`` is rewritten with the updated record."""
+    if last.validated_at == trainer.global_step or trainer.limit_val_batches == 0:
+        return
+    metrics = trainer.validate(task, datamodule=dm, verbose=False)[0]
+    score = metrics.get(checkpoint.monitor)
+    if score is None:
+        return
+    score = torch.as_tensor(float(score), dtype=torch.float64)
+    best = checkpoint.best_model_score
+    better = best is None or (score < best if checkpoint.mode == "min" else score > best)
+    log.info("final validation at step %d: %s %.4f", trainer.global_step, checkpoint.monitor, score)
+    if better:
+        path = str(Path(checkpoint.dirpath) / "best.ckpt")
+        checkpoint.best_model_score, checkpoint.best_model_path = score, path
+        checkpoint.best_k_models, checkpoint.kth_best_model_path = {path: score}, path
+        checkpoint.kth_value = score
+        trainer.save_checkpoint(path)
+    last.validated_at = trainer.global_step
+    trainer.save_checkpoint(last.path)
 
 
 def _plugins() -> list[Any]:

@@ -166,6 +166,14 @@ def collate_classification(
     return batch
 
 
+def loader_generator(seed: int) -> torch.Generator:
+    """A DataLoader's own generator. Without one, every new loader iterator (each epoch, each
+    validation) draws its base seed from the global torch RNG, which shifts the dropout masks
+    after it: a run resumed from a checkpoint taken just before an epoch starts would then
+    diverge from the uninterrupted run."""
+    return torch.Generator().manual_seed(int(seed))
+
+
 def eval_sampler(dataset: Sized, trainer: Any) -> Sampler[int] | None:
     """Sampler for a val/test loader: ``None`` (sequential) in one process; under DDP each rank
     takes every ``world_size``-th item with no padding, so every example/window is scored once.

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from attnlab.data.batching import eval_sampler
+from attnlab.data.batching import eval_sampler, loader_generator
 from attnlab.data.windows import SlidingWindowDataset, StepSampler, StepWindowDataset
 from attnlab.paths import default_data_dir
 
@@ -288,6 +288,7 @@ class Enwik8DataModule(pl.LightningDataModule):
             sampler=sampler,
             drop_last=True,
             num_workers=self.num_workers,
+            generator=loader_generator(self.seed),
         )
 
     def _train_start_step(self) -> int:
@@ -316,6 +317,7 @@ class Enwik8DataModule(pl.LightningDataModule):
             batch_size=self.eval_batch_size,
             sampler=eval_sampler(ds, getattr(self, "trainer", None)),  # DDP: each window once
             num_workers=self.num_workers,
+            generator=loader_generator(self.seed),
         )
 
     def val_dataloader(self) -> DataLoader:

@@ -23,6 +23,7 @@ from attnlab.data.batching import (
     TokenizedDataset,
     collate_classification,
     eval_sampler,
+    loader_generator,
 )
 from attnlab.data.splits import stratified_split, stratified_subset
 from attnlab.data.tokenization import CLS_ID, PAD_ID, check_kind, get_tokenizer
@@ -329,6 +330,7 @@ class IMDbDataModule(pl.LightningDataModule):
             batch_sampler=sampler,
             collate_fn=collate_classification,
             num_workers=self.num_workers,
+            generator=loader_generator(self.seed),
             persistent_workers=self.num_workers > 0,
         )
 
@@ -351,6 +353,7 @@ class IMDbDataModule(pl.LightningDataModule):
             sampler=eval_sampler(ds, getattr(self, "trainer", None)),  # DDP: each item once
             collate_fn=collate_classification,
             num_workers=self.num_workers,
+            generator=loader_generator(self.seed),
         )
 
     def val_dataloader(self) -> DataLoader:
