@@ -63,9 +63,10 @@ def test_nonfinite_loss_stops_naming_step_and_keeps_last_good_checkpoint(tmp_pat
 
 def test_nonfinite_skip_mode_skips_steps_and_finishes(tmp_path, monkeypatch):
     hit = _poison_from(monkeypatch, 2)
-    cfg = tiny_cfg(tmp_path, TINY_ENWIK8, "nonfinite=skip")
+    cfg = tiny_cfg(tmp_path, TINY_ENWIK8, "nonfinite=skip", "nonfinite_max_skipped=0.5")
     summary = train(cfg)
     assert summary["status"] == "completed" and summary["global_step"] == 4
+    assert summary["nonfinite_skipped"] == 2
     assert hit == [2, 3]
     ckpt = torch.load(
         tmp_path / "run/checkpoints/last.ckpt", map_location="cpu", weights_only=False

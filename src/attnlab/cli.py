@@ -78,6 +78,28 @@ def _analyze(cfg: DictConfig) -> object:
     return analyze(cfg)
 
 
+def check_composes(config_name: str, args: list[str]) -> None:
+    """Compose the config once with ``args`` (single runs; sweeps are expanded by Hydra) so that
+    an override Hydra rejects (an unknown key, a bad value) is a one-line error.
+
+    Raises:
+        ValueError: Hydra's message, on one line.
+    """
+    if "-m" in args or "--multirun" in args or any(a.startswith("-") for a in args):
+        return
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+            compose(config_name, overrides=[a for a in args if not a.startswith("hydra.")])
+    except (HydraException, OmegaConfBaseException) as err:
+        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+        lines = [ln for ln in lines if not ln.startswith(("full_key:", "object_type", "Set the"))]
+        raise ValueError("; ".join(ln.rstrip(".") for ln in lines) or type(err).__name__) from err
+
+
 def _resume_in_place(args: list[str]) -> list[str]:
     """``resume=<run dir>`` continues that run in its own directory: add ``hydra.run.dir=<it>``
     (single runs only, and only when the user did not set ``hydra.run.dir``)."""
@@ -123,6 +145,7 @@ def main(argv: list[str] | None = None) -> None:
     register_resolvers()
     try:
         check_group_overrides([a for a in rest if not a.startswith("-")])
+        check_composes(COMMANDS[cmd][0], rest)
     except ValueError as err:
         sys.exit(f"attnlab {cmd}: {err}")
     if cmd == "train":

@@ -15,8 +15,10 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from attnlab.hardware import device_type, resolve_precision
 from attnlab.reliability import state_dict_mismatch
-from attnlab.tasks import TaskModule
+from attnlab.resume import read_checkpoint
+from attnlab.tasks import TaskModule, fill_metric_states
 from attnlab.train import build_network, build_task
 
 
@@ -25,17 +27,9 @@ def load_checkpoint(path: str | Path) -> tuple[DictConfig, dict[str, Any]]:
 
     Raises:
         FileNotFoundError: no file at ``path``.
-        ValueError: the file is not an attnlab checkpoint.
+        ValueError: the file is truncated, corrupt or not an attnlab checkpoint.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"checkpoint {path} does not exist; pass ckpt=<run dir>/checkpoints/"
-            f"best.ckpt (or last.ckpt)."
-        )
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    if "attnlab_config" not in ckpt:
-        raise ValueError(f"{path} has no attnlab_config: it was not written by `attnlab train`.")
+    ckpt = read_checkpoint(path)
     return OmegaConf.create(ckpt["attnlab_config"]), ckpt
 
 
@@ -43,6 +37,7 @@ def restore_task(run_cfg: DictConfig, ckpt: dict[str, Any]) -> TaskModule:
     """Rebuild the task module from its config and load the checkpoint's weights."""
     model = build_network(run_cfg, int(run_cfg.vocab_size))
     task = build_task(run_cfg, model, int(run_cfg.vocab_size))
+    fill_metric_states(task, ckpt["state_dict"])
     try:
         task.load_state_dict(ckpt["state_dict"])
     except RuntimeError as err:
@@ -61,7 +56,10 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         run_cfg.task.data.batch_size = cfg.batch_size
     task = restore_task(run_cfg, ckpt)
     dm = instantiate(run_cfg.task.data)
-    trainer = pl.Trainer(**{k: v for k, v in cfg.trainer.items()}, logger=False)
+    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+    device = device_type(trainer_cfg.get("accelerator", "auto"))
+    trainer_cfg["precision"] = resolve_precision(trainer_cfg.get("precision", "auto"), device).value
+    trainer = pl.Trainer(**trainer_cfg, logger=False)
     run = trainer.test if cfg.split == "test" else trainer.validate
     metrics = {k: float(v) for k, v in run(task, datamodule=dm)[0].items()}
     print(json.dumps({"ckpt": str(cfg.ckpt), "split": cfg.split, **metrics}, indent=2))
@@ -69,7 +67,20 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 
 
 def generate(cfg: DictConfig) -> str:
-    """Sample ``cfg.max_new_tokens`` bytes after ``cfg.prompt``; print and return the text."""
+    """Sample ``cfg.max_new_tokens`` bytes after ``cfg.prompt``; print and return the text.
+
+    Raises:
+        ValueError: ``max_new_tokens`` < 0, a CUDA ``device`` that torch cannot see, a
+            classification checkpoint, or bad sampling settings.
+    """
+    n_new = cfg.max_new_tokens
+    if isinstance(n_new, bool) or not isinstance(n_new, int) or n_new < 0:
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {n_new!r}.")
+    device = str(cfg.device)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(
+            f"device={device} but torch {torch.__version__} sees no CUDA GPU; use device=cpu."
+        )
     run_cfg, ckpt = load_checkpoint(cfg.ckpt)
     if run_cfg.task.kind != "lm":
         raise ValueError(

@@ -18,10 +18,12 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import random
+import shutil
 import sys
 import tempfile
 import traceback
@@ -48,8 +50,19 @@ class NonFiniteError(FloatingPointError):
     """Training produced a non-finite loss or gradient (``nonfinite: stop``)."""
 
 
+class DiskFullError(OSError):
+    """A checkpoint could not be written: no space left on the device."""
+
+
 #: Errors whose message is the whole story: ``attnlab <command>`` prints them as one line.
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, NonFiniteError)
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError,
+    FileNotFoundError,
+    NonFiniteError,
+    DiskFullError,
+)
+#: Free space (bytes) under which a failed write is taken for a full disk.
+LOW_SPACE = 256 * 2**20
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -95,9 +108,28 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
-        except BaseException:
+        except BaseException as err:
             Path(tmp).unlink(missing_ok=True)
+            if isinstance(err, OSError | RuntimeError) and _disk_full(err, path.parent):
+                free = shutil.disk_usage(path.parent).free / 2**20
+                raise DiskFullError(
+                    errno.ENOSPC,
+                    f"no space left on device writing checkpoint {path} ({free:.0f} MiB free in "
+                    f"{path.parent}); free some space (or set hydra.run.dir on another disk) and "
+                    "resume: the previous checkpoint is intact",
+                ) from err
             raise
+
+
+def _disk_full(err: BaseException, directory: Path) -> bool:
+    """Whether a failed write is explained by a full disk (torch reports ENOSPC as a
+    RuntimeError such as "inline_container.cc ... unexpected pos")."""
+    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+        return True
+    try:
+        return shutil.disk_usage(directory).free < LOW_SPACE
+    except OSError:
+        return False
 
 
 class NonFiniteGuard(pl.Callback):
@@ -255,6 +287,10 @@ def run_command(command: str, fn: Callable[[DictConfig], object], cfg: DictConfi
     """
     try:
         return fn(cfg)
+    except SystemExit as stop:  # a stop signal (attnlab.interrupts.Interrupted): the sweep ends
+        if command == "train" and _is_multirun():
+            log.error(sweep_stopped_message(stop))
+        raise
     except Exception as err:
         if command == "train" and _is_multirun():
             summary = failed_summary(cfg, err)
@@ -263,10 +299,85 @@ def run_command(command: str, fn: Callable[[DictConfig], object], cfg: DictConfi
             (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
             log.error("job failed (%s); continuing the sweep. %s", run_dir, summary["error"])
             return summary
-        if isinstance(err, USER_ERRORS) and os.environ.get("HYDRA_FULL_ERROR") != "1":
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        message = user_message(err)
+        if message is not None:
             log.debug("attnlab %s failed", command, exc_info=True)
-            sys.exit(f"attnlab {command}: {err}")
+            sys.exit(f"attnlab {command}: {message}")
         raise
+
+
+def user_message(err: BaseException) -> str | None:
+    """The one-line message for a known user error, ``None`` for anything else (a bug)."""
+    from omegaconf.errors import MissingMandatoryValue
+
+    if isinstance(err, MissingMandatoryValue):
+        key = getattr(err, "full_key", None) or str(err).split(":", 1)[-1].strip().split()[0]
+        hint = " (e.g. ckpt=<run dir>/checkpoints/best.ckpt)" if key == "ckpt" else ""
+        return f"{key} is required: pass {key}=...{hint}"
+    if isinstance(err, USER_ERRORS):
+        return " ".join(str(err).split())  # one line
+    return None
+
+
+def sweep_jobs() -> list[list[str]] | None:
+    """Every job of the running sweep (its override lists, in launch order), as Hydra's
+    BasicSweeper expands them from ``<sweep dir>/multirun.yaml``; ``None`` for other sweepers."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    hc = HydraConfig.get()
+    if not str(hc.sweeper.get("_target_", "")).endswith("BasicSweeper"):
+        return None
+    saved = OmegaConf.load(Path(hc.sweep.dir) / "multirun.yaml")
+    params = saved.hydra.sweeper.get("params") or {}
+    args = [f"{k}={v}" for k, v in params.items()] + list(saved.hydra.overrides.task)
+    batches = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(args), None)
+    return [job for batch in batches for job in batch]
+
+
+def _varying(jobs: list[list[str]]) -> set[str]:
+    """The override keys whose values differ between the sweep's jobs."""
+    values: dict[str, set[str]] = {}
+    for job in jobs:
+        for o in job:
+            key, _, value = o.partition("=")
+            values.setdefault(key, set()).add(value)
+    return {k for k, v in values.items() if len(v) > 1}
+
+
+def sweep_stopped_message(stop: SystemExit) -> str:
+    """What a stop signal dropped from a sweep: the jobs after the interrupted one."""
+    from hydra.core.hydra_config import HydraConfig
+
+    hc = HydraConfig.get()
+    num = int(hc.job.num)
+    try:
+        jobs = sweep_jobs()
+    except Exception:  # the sweep's own record is unreadable: say what is known
+        jobs = None
+    head = (
+        f"sweep stopped (exit status {stop.code}) during job #{num} ({hc.runtime.output_dir}), "
+        "which saved its checkpoint"
+    )
+    if jobs is None:
+        return f"{head}; the jobs after it were not run"
+    varying = _varying(jobs)
+    dropped = [
+        f"#{i}: {','.join(o for o in job if o.split('=', 1)[0] in varying) or ','.join(job)}"
+        for i, job in enumerate(jobs)
+        if i > num
+    ]
+    if not dropped:
+        return f"{head}; it was the sweep's last job"
+    return (
+        f"{head}; {len(dropped)} of {len(jobs)} jobs were not run: {'; '.join(dropped)}. To "
+        f"finish the sweep, run the same command with hydra.sweep.dir={hc.sweep.dir}: the "
+        "interrupted job continues from its checkpoint, finished ones only re-test"
+    )
 
 
 def state_dict_mismatch(model: dict[str, torch.Tensor], ckpt: dict[str, torch.Tensor]) -> str:

@@ -55,8 +55,34 @@ class TaskModule(pl.LightningModule):
         opt, sched = build_optimizer(self.model, total_steps=total, **self.optim)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
+    def on_train_start(self) -> None:
+        """(Re)apply ``optim.*`` to the restored optimiser and schedule.
+
+        Resuming restores the optimiser's and scheduler's states from the checkpoint, which
+        carry the old lr, betas and weight decay; a resumed run whose ``optim.*`` changed must
+        use the new ones (the new warmup/cosine shape comes from :meth:`configure_optimizers`).
+        For an unchanged or fresh run this recomputes the same values.
+        """
+        opt = self.optimizers(use_pl_optimizer=False)
+        sched = self.lr_schedulers()
+        if opt is None or sched is None:
+            return
+        lr = float(self.optim.get("lr", opt.param_groups[0].get("initial_lr", 0.0)))
+        for i, group in enumerate(opt.param_groups):
+            group["initial_lr"] = lr
+            if "betas" in self.optim:
+                group["betas"] = tuple(self.optim["betas"])
+            if i == 0 and "weight_decay" in self.optim:  # group 0 decays (parameter_groups)
+                group["weight_decay"] = float(self.optim["weight_decay"])
+        sched.base_lrs = [lr for _ in opt.param_groups]
+        for group, base, fn in zip(opt.param_groups, sched.base_lrs, sched.lr_lambdas, strict=True):
+            group["lr"] = base * fn(sched.last_epoch)
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["attnlab_config"] = self.run_config
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        fill_metric_states(self, checkpoint["state_dict"])
 
     def _log_loss(self, split: str, loss: Tensor, batch_size: int) -> None:
         self.log(
@@ -88,6 +114,8 @@ class ClassificationTask(TaskModule):
         self.acc = nn.ModuleDict(
             {f"{s}_acc": MulticlassAccuracy(num_classes, average="micro") for s in SPLITS}
         )
+        # checkpointed: a run resumed mid-epoch reports the whole epoch's training accuracy
+        self.acc["train_acc"].persistent(True)
 
     def _step(self, batch: dict[str, Tensor], split: str) -> Tensor:
         logits = self.model(batch["input_ids"], batch["padding_mask"])
@@ -105,6 +133,11 @@ class ClassificationTask(TaskModule):
             batch_size=n,
         )
         return loss
+
+    def on_train_epoch_start(self) -> None:
+        # not called when resuming mid-epoch, where the restored partial state must be kept; a
+        # checkpoint from an epoch's end still holds that epoch's counts, so clear them here
+        self.acc["train_acc"].reset()
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         return self._step(batch, "train")
@@ -154,3 +187,15 @@ class LanguageModelTask(TaskModule):
 
 
 TASKS: dict[str, type[TaskModule]] = {"classification": ClassificationTask, "lm": LanguageModelTask}
+
+
+def fill_metric_states(module: nn.Module, state_dict: dict[str, Any]) -> None:
+    """Add this module's metric states missing from ``state_dict`` (checkpoints written before
+    they were saved), so such checkpoints still load strictly: the metrics start from zero."""
+    from torchmetrics import Metric
+
+    for name, sub in module.named_modules():
+        if isinstance(sub, Metric):
+            prefix = f"{name}." if name else ""
+            for key, value in sub.state_dict().items():
+                state_dict.setdefault(prefix + key, value)

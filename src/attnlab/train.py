@@ -19,12 +19,10 @@ import lightning.pytorch as pl
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
 from attnlab.callbacks import ThroughputMonitor, peak_memory_mb
-from attnlab.config import job_overrides, slug
 from attnlab.hardware import (
     apply_threads,
     device_type,
@@ -41,13 +39,16 @@ from attnlab.interrupts import (
 )
 from attnlab.models import build_model, count_parameters
 from attnlab.reliability import (
+    NONFINITE_FIXES,
     AtomicCheckpointIO,
     NonFiniteGuard,
     RNGStateCallback,
     check_config,
     restore_metrics,
 )
+from attnlab.resume import check_resume, resume_checkpoint
 from attnlab.tasks import TASKS, TaskModule
+from attnlab.tracking import build_loggers, finish_trackers
 
 log = logging.getLogger("attnlab")
 
@@ -123,130 +124,6 @@ def build_task(cfg: DictConfig, model: nn.Module, vocab_size: int) -> TaskModule
     return TASKS[cfg.task.kind](model, **kwargs)
 
 
-def run_names(cfg: DictConfig) -> tuple[str, str]:
-    """``(group, name)`` of a run for trackers: the group is ``<study>/<name>`` plus the job's
-    overrides (Hydra's ``override_dirname``, seed and bookkeeping keys excluded), so the seeds of
-    one configuration share a group and different configurations never do; the name adds
-    ``-seed<seed>``."""
-    overrides = job_overrides()
-    base = f"{cfg.name}[{slug(overrides, max_len=80)}]" if overrides else str(cfg.name)
-    group = str(cfg.logger.get("group") or f"{cfg.study}/{base}")
-    return group[:128], f"{base}-seed{cfg.seed}"  # W&B takes at most 128 characters
-
-
-def wandb_run_id(run_dir: Path) -> tuple[str, bool]:
-    """The W&B run id of this run directory (kept in ``<run dir>/wandb_id``) and whether it
-    already existed, i.e. whether this start continues an earlier W&B run."""
-    path = run_dir / "wandb_id"
-    if path.is_file() and path.read_text().strip():
-        return path.read_text().strip(), True
-    import secrets
-
-    run_id = secrets.token_hex(4)  # W&B ids: lowercase letters and digits
-    path.write_text(run_id + "\n")
-    return run_id, False
-
-
-def build_loggers(
-    cfg: DictConfig, run_dir: Path, params: dict[str, int], runtime: dict[str, Any] | None = None
-) -> list[Logger]:
-    """CSV always; W&B (offline unless told otherwise) when ``logger.kind == wandb``.
-
-    One W&B run per run directory: its id is kept in ``<run dir>/wandb_id`` and a resumed run
-    continues it (``resume="allow"``); :func:`finish_trackers` ends it when the job ends.
-    ``runtime`` (precision and threads actually used, the machine, the SLURM job) is added to the
-    W&B config under ``runtime``.
-    """
-    loggers: list[Logger] = [CSVLogger(str(run_dir), name="", version="")]
-    lg = cfg.logger
-    if lg.kind == "wandb":
-        finish_trackers()  # a run left open by an earlier job in this process must not be reused
-        group, name = run_names(cfg)
-        run_id, resumed = wandb_run_id(run_dir)
-        if resumed:
-            log.info("W&B: continuing run %s (%s)", run_id, name)
-        loggers.append(
-            WandbLogger(
-                project=lg.project,
-                entity=lg.get("entity"),
-                offline=bool(lg.offline),
-                save_dir=str(run_dir),
-                group=group,
-                job_type=lg.get("job_type", "train"),
-                name=name,
-                id=run_id,
-                resume="allow",
-                tags=list(cfg.get("tags", [])) or None,
-                config={**OmegaConf.to_container(cfg, resolve=True), "runtime": runtime or {}},
-            )
-        )
-    for logger in loggers:
-        logger.log_hyperparams({"params": params})
-    return loggers
-
-
-def finish_trackers(exit_code: int = 0) -> None:
-    """End this process's W&B run, if one is open, so the next job (a sweep runs its jobs in one
-    process) starts its own instead of logging into this one."""
-    import sys
-
-    wandb = sys.modules.get("wandb")
-    if wandb is not None and getattr(wandb, "run", None) is not None:
-        wandb.finish(exit_code=exit_code)
-
-
-def resume_checkpoint(cfg: DictConfig) -> str | None:
-    """The checkpoint to continue from, per ``resume``; may move ``paths.run_dir``.
-
-    - ``auto`` (default): ``<run dir>/checkpoints/last.ckpt`` if it exists (a requeued SLURM job,
-      or a command re-run into the same ``hydra.run.dir``), else start fresh;
-    - ``true``: ``<run dir>/checkpoints/last.ckpt``, which must exist;
-    - a run directory: its ``checkpoints/last.ckpt``; the run continues in that directory;
-    - a ``.ckpt`` file: continue from it, writing into this run's directory;
-    - ``false``: start fresh, in a run directory that holds no checkpoints yet.
-
-    Raises:
-        FileNotFoundError: ``resume`` names a checkpoint or run directory that does not exist.
-        ValueError: ``resume=false`` in a run directory that already holds a run's checkpoints
-            (starting over would overwrite them).
-    """
-    resume = cfg.get("resume", "auto")
-    run_dir = Path(cfg.paths.run_dir)
-    last = run_dir / "checkpoints" / "last.ckpt"
-    text = str(resume).strip().lower() if resume is not None else "false"
-    if resume is False or text in ("false", "none", "null"):
-        if last.exists():
-            raise ValueError(
-                f"resume=false, but {run_dir} already holds a run ({last}); starting over would "
-                "overwrite it. Continue it with resume=auto (or true), or choose a new "
-                "hydra.run.dir."
-            )
-        return None
-    if text == "auto":
-        if last.exists():
-            log.info("resume=auto: continuing the run in %s from %s", run_dir, last)
-            return str(last)
-        return None
-    if resume is True or text == "true":
-        path = last
-    else:
-        path = Path(str(resume)).expanduser()
-        if path.is_dir():
-            if path.resolve() != run_dir.resolve():
-                with open_dict(cfg):
-                    cfg.paths.run_dir = str(path)
-                log.info("resume=%s: continuing the run in that directory", path)
-            path = path / "checkpoints" / "last.ckpt"
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"resume={resume}: {path} does not exist. Pass the run directory of an earlier run "
-            "(resume=<run dir>) or its checkpoint (resume=<run dir>/checkpoints/last.ckpt); "
-            "resume=auto starts fresh when there is nothing to continue."
-        )
-    log.info("resuming from %s", path)
-    return str(path)
-
-
 def resolve_runtime(cfg: DictConfig) -> dict[str, Any]:
     """Resolve what the hardware decides, once, before anything is read (DESIGN.md, 14).
 
@@ -309,12 +186,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     check_config(cfg)
     runtime = resolve_runtime(cfg)
     build_network(cfg, vocab_size=8)  # bad model/attention settings fail before data loading
+    dm = make_datamodule(cfg)  # bad task.data.* values too (nothing is read yet)
     ckpt_path = resume_checkpoint(cfg)  # may move paths.run_dir (resume=<run dir>)
+    if ckpt_path:
+        check_resume(cfg, ckpt_path)  # refuses changed shapes/data before anything is written
     signals = StopSignals(slurm=runtime["slurm"] is not None)
     signals.install()
     exit_code = 1
     try:
-        summary = _train(cfg, runtime, signals, ckpt_path, start)
+        summary = _train(cfg, dm, runtime, signals, ckpt_path, start)
         exit_code = 0
         return summary
     except SystemExit as stop:  # Interrupted: 128 + signal
@@ -327,6 +207,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 def _train(
     cfg: DictConfig,
+    dm: pl.LightningDataModule,
     runtime: dict[str, Any],
     signals: StopSignals,
     ckpt_path: str | None,
@@ -339,7 +220,8 @@ def _train(
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     pl.seed_everything(cfg.seed, workers=True)
 
-    dm = build_datamodule(cfg)
+    dm.prepare_data()
+    dm.setup("fit")
     vocab_size = int(dm.vocab_size)
     model = build_network(cfg, vocab_size)
     params = count_parameters(model)
@@ -363,11 +245,12 @@ def _train(
     last_ckpt = LastCheckpoint(
         signals, ckpt_dir / "last.ckpt", cfg.get("checkpoint_every_n_steps"), max_steps
     )
+    guard = NonFiniteGuard(cfg.get("nonfinite", "stop"))
     callbacks = [
         checkpoint,
         throughput,
         LearningRateMonitor(logging_interval="step"),
-        NonFiniteGuard(cfg.get("nonfinite", "stop")),
+        guard,
         last_ckpt,
         RNGStateCallback(),
     ]
@@ -414,8 +297,20 @@ def _train(
         raise
     best = checkpoint.best_model_score
     run_time = throughput.summary
+    status, error = "completed", None
+    limit = float(cfg.get("nonfinite_max_skipped", 0.05))
+    if guard.skipped > limit * max(1, trainer.global_step):
+        status = "failed"
+        error = (
+            f"skipped {guard.skipped} of {trainer.global_step} steps for a non-finite loss or "
+            f"gradient (nonfinite=skip), more than nonfinite_max_skipped={limit}: the numbers of "
+            f"this run are not trustworthy. Fix: {NONFINITE_FIXES}"
+        )
+        log.error("attnlab train: %s", error)
     summary = {
-        "status": "completed",
+        "status": status,
+        **({"error": error} if error else {}),
+        "nonfinite_skipped": guard.skipped,
         "task": cfg.task.name,
         "attention": _choice("attention", cfg),
         "model": _choice("model", cfg),
@@ -515,6 +410,11 @@ def format_summary(s: dict[str, Any]) -> str:
         (f"best {s['monitor']}", f"{s['best_val']:.4f}"),
         (f"test/{metric}", f"{test:.4f}"),
         ("steps / epochs", f"{s['global_step']} / {s['epochs']}"),
+        *(
+            [("skipped steps", f"{s['nonfinite_skipped']} (non-finite; {s['status']})")]
+            if s.get("nonfinite_skipped")
+            else []
+        ),
         ("wall time", f"{s['wall_time_s']:.0f} s"),
         ("train tokens/s", f"{s['tokens_per_sec']:,.0f}"),
         ("peak memory", f"{s['peak_mem_mb']:,.0f} MiB"),

@@ -27,7 +27,7 @@ from attnlab.data.batching import (
 )
 from attnlab.data.splits import stratified_split, stratified_subset
 from attnlab.data.tokenization import CLS_ID, PAD_ID, check_kind, get_tokenizer
-from attnlab.paths import default_cache_dir, default_data_dir
+from attnlab.paths import default_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -81,12 +81,40 @@ def _check_not_empty(shards: dict[str, list[str]]) -> None:
             raise ValueError(f"IMDb {split} split is empty: no rows in {', '.join(files)}")
 
 
+def check_training_split(labels: np.ndarray, texts: list[str], source: str) -> None:
+    """Refuse training data a classifier cannot learn from, and say how much is empty.
+
+    Raises:
+        ValueError: every training example has the same label, or every text is empty.
+    """
+    classes, counts = np.unique(labels, return_counts=True)
+    if len(classes) < 2:
+        raise ValueError(
+            f"IMDb training split has a single label ({int(classes[0])}, all {len(labels)} "
+            f"reviews) in {source}: a classifier cannot learn from one class; check the label "
+            "column and that the data files are not a filtered subset"
+        )
+    empty = sum(1 for t in texts if not t.strip())
+    if empty == len(texts):
+        raise ValueError(
+            f"IMDb training split has no text: all {len(texts)} reviews are empty in {source}; "
+            "check the text column"
+        )
+    if empty:
+        log.warning(
+            "IMDb training split: %d of %d reviews are empty (they train on <cls> alone)",
+            empty,
+            len(texts),
+        )
+
+
 class IMDbDataModule(pl.LightningDataModule):
     """IMDb reviews as ``(batch, seq)`` token ids with binary labels.
 
     Args:
         data_dir: directory with ``train-*.parquet`` and ``test-*.parquet`` (HF ``stanfordnlp/imdb``
-            layout). ``None``: ``default_data_dir()/imdb`` if it exists, else the hub ``hub_id``.
+            layout). ``None``: download ``hub_id`` from the Hugging Face hub (the configs pass
+            ``paths.data_dir``/imdb, which is ``None`` only when there is no local data).
         hub_id: Hugging Face dataset id used when no local directory is found.
         tokenizer: ``"bpe"``, ``"bytes"`` or ``"word"``.
         vocab_size: vocabulary size including the 3 special tokens; ``None`` = the tokenizer's
@@ -116,8 +144,10 @@ class IMDbDataModule(pl.LightningDataModule):
 
     Raises:
         ValueError: unknown ``tokenizer`` or bad numeric arguments (at construction); labels
-            outside {0, 1} or an empty split (at setup).
-        FileNotFoundError: ``data_dir`` given but without the parquet shards.
+            outside {0, 1}, an empty split, a training split of one class or of empty texts only
+            (at setup; some empty texts are a warning with the count).
+        FileNotFoundError: ``data_dir`` given but without the parquet shards, or ``None`` and
+            the hub cannot be reached.
     """
 
     num_classes = 2
@@ -229,8 +259,7 @@ class IMDbDataModule(pl.LightningDataModule):
                     "run online and download from the hub"
                 )
             return shards
-        base = default_data_dir()
-        return find_parquet_shards(Path(base) / "imdb") if base else None
+        return None  # data_dir=null: the hub, as documented (never a local copy behind its back)
 
     # ------------------------------------------------------------------ setup
     def _prepare_tokenizer(self) -> None:
@@ -248,6 +277,7 @@ class IMDbDataModule(pl.LightningDataModule):
                 f"{self.val_fraction}, {len(labels)} training reviews)"
             )
         train_texts = [clean_text(texts[i]) for i in self.train_idx]
+        check_training_split(labels[self.train_idx], train_texts, self._sources.get("train", ""))
         self.tokenizer = get_tokenizer(
             self.tokenizer_kind, train_texts, self.requested_vocab_size, self.cache_dir
         )
