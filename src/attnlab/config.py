@@ -45,6 +45,15 @@ def job_overrides() -> str:
         return ""
 
 
+def group_choice(group: str, cfg: DictConfig) -> str:
+    """The option chosen for config group ``group`` (e.g. ``softmax`` for ``attention``): Hydra's
+    runtime choice when known, else the class name of ``cfg[group]._target_``."""
+    try:
+        return str(HydraConfig.get().runtime.choices[group])
+    except (ValueError, KeyError):
+        return str(cfg[group].get("_target_", "?")).rsplit(".", 1)[-1]
+
+
 def _wandb_offline() -> bool:
     return os.environ.get("WANDB_MODE", "offline") != "online"
 

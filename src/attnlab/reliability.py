@@ -254,7 +254,7 @@ def restore_metrics(run_dir: Path, saved: Path) -> None:
 
 def failed_summary(cfg: DictConfig, err: BaseException) -> dict[str, Any]:
     """The ``summary.json`` of a failed run: status, error, traceback and the run's identity."""
-    from attnlab.train import _choice
+    from attnlab.config import group_choice
 
     return {
         "status": "failed",
@@ -262,8 +262,8 @@ def failed_summary(cfg: DictConfig, err: BaseException) -> dict[str, Any]:
         "error_type": type(err).__name__,
         "traceback": "".join(traceback.format_exception(err)),
         "task": cfg.task.name,
-        "attention": _choice("attention", cfg),
-        "model": _choice("model", cfg),
+        "attention": group_choice("attention", cfg),
+        "model": group_choice("model", cfg),
         "n_heads": cfg.model.n_heads,
         "seed": cfg.seed,
         "run_dir": str(cfg.paths.run_dir),

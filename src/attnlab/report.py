@@ -172,7 +172,9 @@ def load_run(run_dir: Path) -> dict[str, Any]:
     for choice in CHOICE_KEYS:
         value = summary.get(choice)
         if value is None and isinstance(cfg.get(choice), dict) and choice == "attention":
-            value = str(cfg[choice].get("_target_", "?")).rsplit(".", 1)[-1]  # as train._choice
+            value = str(cfg[choice].get("_target_", "?")).rsplit(".", 1)[
+                -1
+            ]  # as config.group_choice
         config[choice] = ABSENT if value is None else value
     rec: dict[str, Any] = {
         "run_dir": str(run_dir),

@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
 from attnlab.callbacks import ThroughputMonitor, peak_memory_mb
+from attnlab.config import group_choice
 from attnlab.hardware import (
     apply_threads,
     device_type,
@@ -312,8 +313,8 @@ def _train(
         **({"error": error} if error else {}),
         "nonfinite_skipped": guard.skipped,
         "task": cfg.task.name,
-        "attention": _choice("attention", cfg),
-        "model": _choice("model", cfg),
+        "attention": group_choice("attention", cfg),
+        "model": group_choice("model", cfg),
         "n_heads": cfg.model.n_heads,
         "head_dim": task.model.backbone.attentions[0].head_dim,
         "d_model": cfg.model.d_model,
@@ -382,16 +383,6 @@ def _plugins() -> list[Any]:
     if SLURMEnvironment.detect():
         plugins.append(SLURMEnvironment(auto_requeue=False))
     return plugins
-
-
-def _choice(group: str, cfg: DictConfig) -> str:
-    """The config-group option chosen for ``group`` (e.g. ``softmax``), if known."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        return str(HydraConfig.get().runtime.choices[group])
-    except (ValueError, KeyError):
-        return str(cfg[group].get("_target_", "?")).rsplit(".", 1)[-1]
 
 
 def format_summary(s: dict[str, Any]) -> str:
