@@ -189,5 +189,5 @@ def test_summary_records_precision_threads_and_hardware(cpu, tmp_path, native, c
     config = (Path(cfg.paths.run_dir) / "config.yaml").read_text()
     assert f"precision: {want}" in config  # the config records what ran, not "auto"
     start = [r.getMessage() for r in caplog.records if r.getMessage().startswith("attnlab: cpu")]
-    assert len(start) == 1 and f"precision {want}" in start[0] and "1 torch threads" in start[0]
+    assert len(start) == 1 and f"precision {want}" in start[0] and "1 torch thread " in start[0]
     torch.set_num_threads(available_cores())

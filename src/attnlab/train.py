@@ -167,7 +167,8 @@ def start_line(runtime: dict[str, Any]) -> str:
     where = hw.get("gpu") or hw["cpu"]
     line = (
         f"attnlab: {runtime['device']} ({where}), precision {runtime['precision']} "
-        f"({runtime['precision_reason']}), {runtime['threads']} torch threads "
+        f"({runtime['precision_reason']}), {runtime['threads']} torch "
+        f"thread{'s' if runtime['threads'] != 1 else ''} "
         f"({runtime['threads_reason']})"
     )
     if runtime.get("slurm"):
