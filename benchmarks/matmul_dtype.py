@@ -49,7 +49,7 @@ def main() -> None:
     bf16 = gflops(args.n, torch.bfloat16)
     print(
         f"matmul {args.n}x{args.n}: float32 {fp32:.1f} GFLOP/s, bfloat16 {bf16:.1f} GFLOP/s "
-        f"(bf16/fp32 = {bf16 / fp32:.2f})"
+        f"(bf16/fp32 = {bf16 / fp32:.3g})"
     )
 
 

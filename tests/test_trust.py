@@ -69,6 +69,28 @@ def _step(path: Path) -> int:
     return int(torch.load(path, map_location="cpu", weights_only=False)["global_step"])
 
 
+# ----------------------------------------------------------------------------- run times
+@needs_data
+def test_summary_times_are_not_longer_than_the_run(tmp_path, monkeypatch):
+    """wall_time_s is the run's wall time: the fit time stops at the end of the fit (it used to
+    keep running through the test, which was then counted twice)."""
+    orig = LanguageModelTask.test_step
+
+    def slow_test_step(self, batch, batch_idx):
+        if batch_idx == 0:
+            time.sleep(1.5)  # a test phase long enough for double counting to show
+        return orig(self, batch, batch_idx)
+
+    monkeypatch.setattr(LanguageModelTask, "test_step", slow_test_step)
+    cfg = tiny_cfg(tmp_path, TASKS["enwik8"])
+    start = time.perf_counter()
+    got = train(cfg)
+    elapsed = time.perf_counter() - start
+    assert 0 < got["train_time_s"] <= got["fit_time_s"] < got["wall_time_s"] <= elapsed
+    assert got["wall_time_s"] >= elapsed - 1.0  # all of the run, up to writing the summary
+    assert got["wall_time_s"] - got["fit_time_s"] >= 1.5  # the test phase is outside the fit
+
+
 # ----------------------------------------------------------------------------- exact resume
 @needs_data
 @pytest.mark.parametrize("limit", [None, 16], ids=["epochs", "max_steps"])
@@ -122,7 +144,8 @@ def test_max_steps_between_validations_still_validates_the_final_model(tmp_path)
 # ----------------------------------------------------------------------------- resume changes
 @needs_data
 def test_resume_applies_a_new_learning_rate_and_logs_it(tmp_path, monkeypatch, caplog):
-    args = [*TASKS["enwik8"], "checkpoint_every_n_steps=2", "trainer.log_every_n_steps=1"]
+    args = [*TASKS["enwik8"], "checkpoint_every_n_steps=2", "trainer.log_every_n_steps=1",
+            "optim.min_lr_ratio=0.1"]  # fmt: skip
     _crash_at(monkeypatch, LanguageModelTask, 3)
     with pytest.raises(RuntimeError):
         train(tiny_cfg(tmp_path, [*args, "optim.lr=1e-3"]))

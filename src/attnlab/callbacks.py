@@ -44,13 +44,21 @@ class ThroughputMonitor(pl.Callback):
         self._fit_time_before = 0.0  # fit wall time of earlier attempts, up to the checkpoint
         self._fit_start: float | None = None
         self.attempts = 1
+        #: fit wall seconds of the attempts before this one (up to the checkpoint resumed from)
+        self.earlier_attempts_s = 0.0
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._fit_start = time.perf_counter()
 
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # freeze: the fit's wall time must not keep growing through test and summary
+        self._fit_time_before = self.fit_time_s
+        self._fit_start = None
+
     @property
     def fit_time_s(self) -> float:
-        """Wall seconds of fitting over all attempts (each counted up to its checkpoint)."""
+        """Wall seconds of fitting over all attempts (each counted up to its checkpoint; the
+        current one up to the end of the fit, once it has ended)."""
         now = time.perf_counter() - self._fit_start if self._fit_start is not None else 0.0
         return self._fit_time_before + now
 
@@ -131,5 +139,6 @@ class ThroughputMonitor(pl.Callback):
         self._train_time = float(state_dict.get("train_time", 0.0))
         self._train_tokens = int(state_dict.get("train_tokens", 0))
         self._fit_time_before = float(state_dict.get("fit_time", 0.0))
+        self.earlier_attempts_s = self._fit_time_before
         self._fit_start = time.perf_counter()  # restored at the start of this attempt's fit
         self.attempts = int(state_dict.get("attempts", 1)) + 1

@@ -271,9 +271,7 @@ def _train(
         max_steps=-1,
     )
     try:
-        fit_start = time.perf_counter()
         trainer.fit(task, datamodule=dm, ckpt_path=ckpt_path)
-        this_fit = time.perf_counter() - fit_start
         validate_final(trainer, task, dm, checkpoint, last_ckpt)
         best_path = checkpoint.best_model_path or None
         if best_path:  # the best weights only: ckpt_path= would also restore every callback's
@@ -327,8 +325,9 @@ def _train(
         "test": {k: float(v) for k, v in test_metrics.items()},
         "global_step": trainer.global_step,
         "epochs": trainer.current_epoch,
-        # over the whole run: earlier attempts' fit time (up to their last checkpoint) included
-        "wall_time_s": run_time["fit_time_s"] + (time.perf_counter() - start - this_fit),
+        # over the whole run: this attempt from its start to here, plus the earlier attempts'
+        # fit time up to the checkpoint this one resumed from
+        "wall_time_s": throughput.earlier_attempts_s + (time.perf_counter() - start),
         "peak_mem_mb": peak_memory_mb(task.device),
         **run_time,
         "best_checkpoint": best_path,
