@@ -9,8 +9,20 @@ Shape legend used in every attention file::
 The contract (DESIGN.md, convention 1): every variant is an ``nn.Module`` with
 ``forward(x: (b, n, D), padding_mask: (b, n) bool | None) -> (b, n, D)`` where
 ``padding_mask`` is True at real tokens, and owns its projections. The backbone
-fills in ``d_model``, ``n_heads``, ``causal``, ``max_len`` and ``rope``; the
-variant's YAML file (``conf/attention/<name>.yaml``) sets the rest.
+fills in ``d_model``, ``n_heads``, ``causal``, ``max_len``, ``rope``, ``bias`` and
+``rope_theta``; the variant's YAML file (``conf/attention/<name>.yaml``) sets the rest.
+
+Attention weights come from the forward path (tests/test_contract.py checks it for
+every file in ``conf/attention``): ``forward(x, padding_mask, return_weights=True)``
+returns ``(out, weights)`` with ``weights: (b, h, n, n)`` computed by the same score
+and normalise functions the plain forward uses, and
+``combine(weights @ values(x)) == forward(x)``. :meth:`Attention.attention_weights`
+is that second output. A variant with no per-(query, key) weights sets
+``has_weights = False``; its ``attention_weights`` raises
+:class:`AttentionWeightsUnavailable`.
+
+``attention.dropout`` has one meaning everywhere: dropout on the attention weights
+(training only). A variant without explicit weights refuses ``dropout > 0``.
 """
 
 from __future__ import annotations
@@ -70,6 +82,25 @@ def causal_mask(n: int, m: int | None = None, device: torch.device | None = None
     return torch.ones(n, m, dtype=torch.bool, device=device).tril(diagonal=m - n)
 
 
+class AttentionWeightsUnavailable(ValueError):
+    """Raised by :meth:`Attention.attention_weights` on a variant with ``has_weights = False``.
+
+    A ``ValueError``, so ``attnlab <command>`` prints its message as one line.
+    """
+
+
+def masked_softmax(logits: Tensor, mask: Tensor | None) -> Tensor:
+    """Softmax over the last axis in float32 after setting ``~mask`` logits to -inf.
+
+    ``logits: (b|1, h, n, m)``; ``mask`` boolean, broadcastable to it, True = may
+    attend, or None. Returns float32 weights of the logits' shape.
+    """
+    logits = logits.float()
+    if mask is not None:
+        logits = logits.masked_fill(~mask, float("-inf"))
+    return torch.softmax(logits, dim=-1)
+
+
 def attention_mask(
     padding_mask: Tensor | None, causal: bool, n: int, device: torch.device
 ) -> Tensor | None:
@@ -94,7 +125,8 @@ class Attention(nn.Module):
 
     Capability flags (class attributes, overridden per instance where they
     depend on the configuration) let the backbone refuse an impossible
-    combination when the model is built (DESIGN.md, convention 2):
+    combination when the model is built (DESIGN.md, convention 2), and decide
+    which contract tests apply (tests/test_contract.py):
 
     - ``supports_causal``: can run with ``causal=True`` (language modelling).
     - ``supports_padding_mask``: honours ``padding_mask``.
@@ -102,6 +134,23 @@ class Attention(nn.Module):
     - ``uses_qk``: scores come from q·k, so rotary positions (RoPE) apply.
     - ``supports_step``: has an incremental ``init_state``/``step`` API
       (a KV cache or a recurrent state) for O(1)-per-token generation.
+    - ``has_weights``: has a ``(b, h, n, n)`` matrix of attention weights that,
+      applied to :meth:`values` and passed through :meth:`combine`, gives the
+      forward output; ``forward(..., return_weights=True)`` returns it. Without it
+      :meth:`attention_weights` raises :class:`AttentionWeightsUnavailable`.
+
+    Args:
+        d_model: model width D.
+        n_heads: number of heads h.
+        head_dim: per-head size d; default ``d_model // n_heads``.
+        causal: mask future keys.
+        dropout: dropout probability on the attention weights (training only).
+        max_len: longest input the backbone will pass (used by ``needs_max_len`` variants).
+        rope: rotary position embeddings on q and k (Su et al. 2021).
+        bias: bias terms in the q/k/v and output projections (``False`` as in
+            nanoGPT's ``bias=False``, PaLM, LLaMA).
+        rope_theta: RoPE base θ: pair ``i`` rotates by ``pos · θ^(-2i/d)``
+            (Su et al. 2021, eq. 15); 10000 in the paper.
 
     ``head_mask`` (a ``(h,)`` buffer of ones) scales each head's output before
     the heads are merged; set an entry to 0 to ablate a head (Michel et al. 2019).
@@ -112,6 +161,7 @@ class Attention(nn.Module):
     needs_max_len: bool = False
     uses_qk: bool = True
     supports_step: ClassVar[bool] = False
+    has_weights: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -122,6 +172,8 @@ class Attention(nn.Module):
         dropout: float = 0.0,
         max_len: int | None = None,
         rope: bool = False,
+        bias: bool = True,
+        rope_theta: float = 10000.0,
     ) -> None:
         super().__init__()
         self.head_dim = resolve_head_dim(d_model, n_heads, head_dim)
@@ -129,10 +181,14 @@ class Attention(nn.Module):
             raise ValueError(f"attention dropout must be in [0, 1), got {dropout!r}.")
         if max_len is not None and (not isinstance(max_len, int) or max_len <= 0):
             raise ValueError(f"max_len must be a positive integer, got {max_len!r}.")
+        if not float(rope_theta) > 0:
+            raise ValueError(f"rope_theta must be positive, got {rope_theta!r}.")
         self.d_model, self.n_heads, self.causal = d_model, n_heads, bool(causal)
         self.dropout, self.max_len = float(dropout), max_len
+        self.bias, self.rope_theta = bool(bias), float(rope_theta)
         self.inner_dim = n_heads * self.head_dim
-        self.rotary = RotaryEmbedding(self.head_dim) if rope else None
+        self.rotary = RotaryEmbedding(self.head_dim, base=self.rope_theta) if rope else None
+        self.attn_drop = nn.Dropout(self.dropout)
         self.register_buffer("head_mask", torch.ones(n_heads), persistent=False)
 
     # ------------------------------------------------------------------ helpers
@@ -148,10 +204,40 @@ class Attention(nn.Module):
         """Apply ``head_mask`` and merge heads: ``(b, h, n, d) -> (b, n, h*d)``."""
         return merge_heads(out * self.head_mask.to(out.dtype)[None, :, None, None])
 
+    def combine(self, heads: Tensor) -> Tensor:
+        """Per-head outputs ``(b, h, n, d)`` -> ``(b, n, D)``: ``head_mask``, head merge and
+        the output projection (Vaswani et al. 2017, eq. "MultiHead": ``Concat(heads) W^O``)."""
+        return self.out(self.merge(heads))
+
+    def values(self, x: Tensor) -> Tensor:
+        """The values the weights are applied to: ``x: (b, n, D)`` -> ``(b, h, n, d)``."""
+        raise NotImplementedError(f"{type(self).__name__} does not expose its values.")
+
+    def normalize(self, logits: Tensor, mask: Tensor | None) -> Tensor:
+        """Logits ``(b|1, h, n, m)`` -> weights: :func:`masked_softmax` (float32).
+        Override to change how every path of the variant normalises."""
+        return masked_softmax(logits, mask)
+
+    def attention_weights(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        """The weights ``(b, h, n, n)`` the forward applies to ``x: (b, n, D)`` with
+        ``padding_mask: (b, n)``: ``forward(x, padding_mask, return_weights=True)[1]``.
+        Dropout is included in training mode (call it on an ``eval()`` module for maps).
+        O(n²) memory: for inspecting short inputs.
+
+        Raises:
+            AttentionWeightsUnavailable: the variant has ``has_weights = False``.
+        """
+        if not self.has_weights:
+            raise AttentionWeightsUnavailable(
+                f"{type(self).__name__} has no attention weights (has_weights=False): "
+                "there are no maps to draw for this variant."
+            )
+        return self.forward(x, padding_mask, return_weights=True)[1]
+
     def extra_repr(self) -> str:
         return (
             f"d_model={self.d_model}, n_heads={self.n_heads}, head_dim={self.head_dim}, "
-            f"causal={self.causal}"
+            f"causal={self.causal}, bias={self.bias}"
         )
 
     # ------------------------------------------------------- incremental decoding
@@ -168,16 +254,21 @@ class QKVAttention(Attention):
     """Multi-head attention with q, k, v projections ``D -> h*d`` and an output
     projection ``h*d -> D`` (Vaswani et al. 2017, eq. 1 and section 3.2.2).
 
-    Subclasses implement :meth:`attend` on ``(b, h, n, d)`` tensors; this class
-    does the projections, RoPE and a KV cache for decoding.
+    One path computes outputs, maps and decoding steps:
+    ``forward -> project -> attend -> weights = normalize(scores(q, k), mask) -> combine``.
+    Subclasses change :meth:`scores` (the logits) and/or :meth:`normalize` (masking
+    and normalisation); both the output and :meth:`attention_weights` follow.
+    :meth:`attend` may be overridden for a faster kernel (as :class:`SoftmaxAttention`
+    does with ``F.scaled_dot_product_attention``) but must give the same output as
+    the weights it returns with ``need_weights=True`` (tests/test_contract.py).
     """
 
     supports_step = True
 
     def __init__(self, d_model: int, n_heads: int, head_dim: int | None = None, **kw: Any) -> None:
         super().__init__(d_model, n_heads, head_dim, **kw)
-        self.qkv = nn.Linear(d_model, 3 * self.inner_dim)
-        self.out = nn.Linear(self.inner_dim, d_model)
+        self.qkv = nn.Linear(d_model, 3 * self.inner_dim, bias=self.bias)
+        self.out = nn.Linear(self.inner_dim, d_model, bias=self.bias)
 
     def project(self, x: Tensor, offset: int = 0) -> tuple[Tensor, Tensor, Tensor]:
         """``x: (b, n, D)`` -> q, k, v each ``(b, h, n, d)``, RoPE applied to q and k."""
@@ -186,40 +277,57 @@ class QKVAttention(Attention):
             q, k = self.rotary(q, offset), self.rotary(k, offset)
         return q, k, v
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool) -> Tensor:
-        """Attention on heads: q ``(b, h, n, d)``, k/v ``(b, h, m, d)`` -> ``(b, h, n, d)``.
+    def values(self, x: Tensor) -> Tensor:
+        """``x: (b, n, D)`` -> v ``(b, h, n, d)``."""
+        return self.project(x)[2]
 
-        ``mask`` is a boolean mask broadcastable to ``(b, h, n, m)`` (True = attend)
-        or None; ``causal`` asks for causal masking when ``mask`` is None.
-        """
-        raise NotImplementedError
-
-    def attention_weights(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
-        """Materialised weights ``softmax(mask(q kᵀ / sqrt(d)))`` (Vaswani et al. 2017, eq. 1):
-        ``x: (b, n, D)``, ``padding_mask: (b, n)`` -> ``(b, h, n, n)``, the same logits and masks
-        as :meth:`forward` (no dropout). For inspecting short inputs: O(n²) memory."""
-        q, k, _ = self.project(x)
-        mask = attention_mask(padding_mask, self.causal, x.shape[1], x.device)
-        return self.weights(q, k, mask).to(x.dtype)
+    def scores(self, q: Tensor, k: Tensor) -> Tensor:
+        """Logits ``q kᵀ / sqrt(d)`` (Vaswani et al. 2017, eq. 1): q ``(b, h, n, d)``,
+        k ``(b, h, m, d)`` -> ``(b, h, n, m)``."""
+        return q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)
 
     def weights(self, q: Tensor, k: Tensor, mask: Tensor | None) -> Tensor:
-        """Softmax weights ``(b, h, n, m)`` in float32 from q ``(b, h, n, d)``, k ``(b, h, m, d)``
-        and a boolean mask broadcastable to ``(b, h, n, m)`` (True = attend) or None."""
-        logits = (q @ k.transpose(-2, -1)).float() / math.sqrt(self.head_dim)
-        if mask is not None:
-            logits = logits.masked_fill(~mask, float("-inf"))
-        return torch.softmax(logits, dim=-1)
+        """``normalize(scores(q, k), mask)``: weights ``(b, h, n, m)`` in float32 from
+        q ``(b, h, n, d)``, k ``(b, h, m, d)`` and a boolean mask broadcastable to
+        ``(b, h, n, m)`` (True = attend) or None."""
+        return self.normalize(self.scores(q, k), mask)
 
-    def forward(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
-        """``x: (b, n, D)``, ``padding_mask: (b, n)`` bool (True = real) -> ``(b, n, D)``."""
+    def attend(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        mask: Tensor | None,
+        causal: bool,
+        need_weights: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Attention on heads: q ``(b, h, n, d)``, k/v ``(b, h, m, d)`` ->
+        ``(out (b, h, n, d), weights (b, h, n, m) or None)``.
+
+        ``mask`` is a boolean mask broadcastable to ``(b, h, n, m)`` (True = attend)
+        or None; ``causal`` asks for causal masking (queries aligned to the end of
+        the keys) when ``mask`` is None. ``weights`` are the (dropped-out, in
+        training) weights applied to ``v``, returned when ``need_weights``.
+        """
+        if causal and mask is None:
+            mask = causal_mask(q.shape[-2], k.shape[-2], q.device)
+        weights = self.attn_drop(self.weights(q, k, mask).to(v.dtype))
+        return weights @ v, (weights if need_weights else None)
+
+    def forward(
+        self, x: Tensor, padding_mask: Tensor | None = None, return_weights: bool = False
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """``x: (b, n, D)``, ``padding_mask: (b, n)`` bool (True = real) -> ``(b, n, D)``;
+        with ``return_weights``, ``((b, n, D), weights (b, h, n, n))``."""
         self.check_length(x.shape[1])
         q, k, v = self.project(x)
         if padding_mask is None:
-            out = self.attend(q, k, v, None, self.causal)
+            out, weights = self.attend(q, k, v, None, self.causal, return_weights)
         else:
             mask = attention_mask(padding_mask, self.causal, x.shape[1], x.device)
-            out = self.attend(q, k, v, mask, False)
-        return self.out(self.merge(out))
+            out, weights = self.attend(q, k, v, mask, False, return_weights)
+        out = self.combine(out)
+        return (out, weights) if return_weights else out
 
     def init_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> dict:
         empty = torch.zeros(batch, self.n_heads, 0, self.head_dim, device=device, dtype=dtype)
@@ -229,5 +337,5 @@ class QKVAttention(Attention):
         """KV-cache step: ``x: (b, 1, D)`` at position ``pos`` attends to all cached keys."""
         q, k, v = self.project(x, offset=pos)
         state = {"k": torch.cat([state["k"], k], dim=2), "v": torch.cat([state["v"], v], dim=2)}
-        out = self.attend(q, state["k"], state["v"], None, False)
-        return self.out(self.merge(out)), state
+        out, _ = self.attend(q, state["k"], state["v"], None, False)
+        return self.combine(out), state

@@ -7,7 +7,25 @@ becomes (eq. 5-6)::
 
 over all keys j (non-causal, O(n)) or keys j <= i (causal, eq. 10-12; the
 recurrent form S_i = S_{i-1} + phi(k_i) v_iᵀ, z_i = z_{i-1} + phi(k_i) of
-eq. 18-20 is :meth:`LinearAttention.step`).
+eq. 18-20 is :func:`linear_attention_step`, used by :meth:`LinearAttention.step`).
+
+Attention weights: linear attention never forms them, but they exist implicitly
+(eq. 4 with sim(q, k) = phi(q)ᵀ phi(k))::
+
+    A_ij = phi(q_i)ᵀ phi(k_j) / (sum_j' phi(q_i)ᵀ phi(k_j') + eps)   (j, j' over allowed keys)
+
+and ``out_i = sum_j A_ij v_j`` exactly (eps included). So ``has_weights`` is True:
+``forward(..., return_weights=True)`` materialises ``A`` (O(n²), for inspection) from
+the same features (same feature map, same key masking, same eps) as the O(n) output.
+Rows sum to slightly less than 1 (by ``eps``); they are not a softmax.
+
+Dropout: ``attention.dropout`` means dropout on the attention weights in every
+variant. Here the weights are never materialised, and dropping entries of A cannot
+be done in O(n) (dropping terms of the state ``S`` would drop whole keys for all
+later queries at once, which is a different regulariser). Katharopoulos et al.'s
+own implementation (fast-transformers) has no attention dropout for linear
+attention either, so ``LinearAttention`` refuses ``dropout > 0`` (use
+``model.dropout`` for residual dropout).
 
 Implementation notes (pitfalls recorded in DESIGN.md):
 
@@ -40,7 +58,8 @@ def elu_feature_map(x: Tensor) -> Tensor:
 
 
 def linear_attention(q: Tensor, k: Tensor, v: Tensor, eps: float = 1e-6) -> Tensor:
-    """Non-causal linear attention on features: q, k ``(b, h, n, d)``, v ``(b, h, n, e)``."""
+    """Non-causal linear attention (eq. 5-6) on features: q, k ``(b, h, n, d)`` (phi already
+    applied), v ``(b, h, n, e)`` -> ``(b, h, n, e)``."""
     kv = k.transpose(-2, -1) @ v  # (b, h, d, e)
     z = k.sum(dim=-2)  # (b, h, d)
     den = (q @ z.unsqueeze(-1)) + eps  # (b, h, n, 1)
@@ -50,7 +69,8 @@ def linear_attention(q: Tensor, k: Tensor, v: Tensor, eps: float = 1e-6) -> Tens
 def causal_linear_attention(
     q: Tensor, k: Tensor, v: Tensor, chunk_size: int = 64, eps: float = 1e-6
 ) -> Tensor:
-    """Causal linear attention, chunked prefix sums: q, k ``(b, h, n, d)``, v ``(b, h, n, e)``.
+    """Causal linear attention (eq. 10-12), chunked prefix sums: q, k ``(b, h, n, d)`` (phi
+    already applied), v ``(b, h, n, e)`` -> ``(b, h, n, e)``.
 
     Equal (up to float error) to ``out_i = sum_{j<=i} (q_i·k_j) v_j / (sum_{j<=i} q_i·k_j + eps)``.
     """
@@ -75,15 +95,55 @@ def causal_linear_attention(
     return out.reshape(b, h, c * size, e)[:, :, :n]
 
 
+def linear_attention_step(
+    q: Tensor, k: Tensor, v: Tensor, state: tuple[Tensor, Tensor] | None = None, eps: float = 1e-6
+) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    """One step of causal linear attention, the recurrent form (Katharopoulos et al. 2020,
+    eq. 18-20)::
+
+        S_i = S_{i-1} + phi(k_i) v_iᵀ,   z_i = z_{i-1} + phi(k_i),
+        out_i = phi(q_i)ᵀ S_i / (phi(q_i)ᵀ z_i + eps)
+
+    Args:
+        q, k: ``(b, h, d_k)``, **already feature-mapped** (``phi(q_i)``, ``phi(k_i)``), like
+            the other functions here; apply the feature map (and any key masking) first.
+        v: ``(b, h, d_v)``; ``d_v`` may differ from ``d_k``.
+        state: ``(S: (b, h, d_k, d_v), z: (b, h, d_k))`` after the previous tokens, or None
+            for the first token (zeros).
+        eps: added to the denominator only.
+
+    Returns:
+        ``(out: (b, h, d_v), (S_i, z_i))``. Sums run in the inputs' dtype: pass float32.
+    """
+    if state is None:
+        b, h, d_k = k.shape
+        s = k.new_zeros(b, h, d_k, v.shape[-1])
+        z = k.new_zeros(b, h, d_k)
+    else:
+        s, z = state
+    s = s + k.unsqueeze(-1) * v.unsqueeze(-2)  # (b, h, d_k, d_v)
+    z = z + k  # (b, h, d_k)
+    num = (q.unsqueeze(-2) @ s).squeeze(-2)  # (b, h, d_v)
+    den = (q * z).sum(-1, keepdim=True) + eps  # (b, h, 1)
+    return num / den, (s, z)
+
+
 class LinearAttention(Attention):
     """Multi-head linear attention with the elu+1 feature map.
 
     Args:
-        d_model, n_heads, head_dim, causal, dropout, max_len: the common contract
-            (``dropout`` applies to the output; ``max_len`` is unused).
-        rope: refused (``uses_qk = False``): similarity is phi(q)·phi(k), not q·k.
+        d_model, n_heads, head_dim, causal, max_len, bias: the common contract
+            (``max_len`` is unused; ``bias`` applies to the q/k/v and output projections).
+        dropout: must be 0 (ValueError otherwise): there are no materialised attention
+            weights to drop (module docstring).
+        rope, rope_theta: RoPE is refused (``uses_qk = False``): similarity is
+            phi(q)·phi(k), not q·k.
         chunk_size: chunk length C of the causal prefix sums.
         eps: added to the denominator.
+
+    ``has_weights`` is True: the implicit weights ``A`` of the module docstring.
+    Override :meth:`feature_map` to change phi; the output, the weights and the
+    recurrent step all use it.
     """
 
     uses_qk = False
@@ -101,50 +161,80 @@ class LinearAttention(Attention):
         super().__init__(d_model, n_heads, head_dim, **kw)
         if chunk_size <= 0:
             raise ValueError(f"attention.chunk_size must be positive, got {chunk_size}.")
+        if self.dropout > 0:
+            raise ValueError(
+                f"attention.dropout={self.dropout} is not available for linear attention: "
+                "attention.dropout drops attention weights, which linear attention never "
+                "forms. Set attention.dropout=0 (use model.dropout for residual dropout)."
+            )
         self.chunk_size, self.eps = chunk_size, eps
-        self.qkv = nn.Linear(d_model, 3 * self.inner_dim)
-        self.out = nn.Linear(self.inner_dim, d_model)
-        self.drop = nn.Dropout(self.dropout)
+        self.qkv = nn.Linear(d_model, 3 * self.inner_dim, bias=self.bias)
+        self.out = nn.Linear(self.inner_dim, d_model, bias=self.bias)
 
-    def features(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """``x: (b, n, D)`` -> phi(q), phi(k), v in float32, each ``(b, h, n, d)``."""
+    def feature_map(self, x: Tensor) -> Tensor:
+        """phi, applied to q and k ``(b, h, n, d)``: :func:`elu_feature_map` (eq. 7)."""
+        return elu_feature_map(x)
+
+    def features(
+        self, x: Tensor, padding_mask: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """``x: (b, n, D)`` -> phi(q), phi(k), v in float32, each ``(b, h, n, d)``; with
+        ``padding_mask: (b, n)`` phi(k) is zeroed at padded keys (after the feature map)."""
         q, k, v = (split_heads(t, self.n_heads).float() for t in self.qkv(x).chunk(3, dim=-1))
-        return elu_feature_map(q), elu_feature_map(k), v
-
-    def forward(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
-        """``x: (b, n, D)``, ``padding_mask: (b, n)`` bool (True = real) -> ``(b, n, D)``."""
-        q, k, v = self.features(x)
-        if padding_mask is not None:  # mask keys after the feature map
+        q, k = self.feature_map(q), self.feature_map(k)
+        if padding_mask is not None:
             k = k * padding_mask[:, None, :, None].to(k.dtype)
+        return q, k, v
+
+    def values(self, x: Tensor) -> Tensor:
+        """``x: (b, n, D)`` -> v ``(b, h, n, d)`` in float32."""
+        return self.features(x)[2]
+
+    def combine(self, heads: Tensor) -> Tensor:
+        """``(b, h, n, d)`` -> ``(b, n, D)`` in the projection's dtype."""
+        return self.out(self.merge(heads.to(self.out.weight.dtype)))
+
+    def implicit_weights(self, q: Tensor, k: Tensor) -> Tensor:
+        """The implicit weights ``A (b, h, n, n)`` (module docstring) from features q, k
+        ``(b, h, n, d)`` (keys already masked); lower-triangular when causal. float32."""
+        scores = q @ k.transpose(-2, -1)
+        if self.causal:
+            scores = scores.tril()
+        return scores / (scores.sum(-1, keepdim=True) + self.eps)
+
+    def forward(
+        self, x: Tensor, padding_mask: Tensor | None = None, return_weights: bool = False
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """``x: (b, n, D)``, ``padding_mask: (b, n)`` bool (True = real) -> ``(b, n, D)``;
+        with ``return_weights``, ``((b, n, D), A (b, h, n, n))``, both from one set of features."""
+        q, k, v = self.features(x, padding_mask)
+        weights = None
         with torch.autocast(device_type=x.device.type, enabled=False):
             if self.causal:
                 out = causal_linear_attention(q, k, v, self.chunk_size, self.eps)
             else:
                 out = linear_attention(q, k, v, self.eps)
-        return self.drop(self.out(self.merge(out).to(x.dtype)))
+            if return_weights:
+                weights = self.implicit_weights(q, k)
+        out = self.combine(out.to(x.dtype))
+        return (out, weights) if return_weights else out
 
-    def attention_weights(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
-        """Materialised normalised weights ``(b, h, n, n)`` (for inspection of short inputs)."""
-        q, k, _ = self.features(x)
-        scores = q @ k.transpose(-2, -1)
-        if padding_mask is not None:
-            scores = scores * padding_mask[:, None, None, :]
-        if self.causal:
-            scores = scores.tril()
-        return scores / (scores.sum(-1, keepdim=True) + self.eps)
-
-    def init_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> dict:
+    def init_state(
+        self, batch: int, device: torch.device, dtype: torch.dtype
+    ) -> tuple[Tensor, Tensor]:
+        """Empty recurrent state ``(S: (b, h, d, d), z: (b, h, d))`` in float32."""
         h, d = self.n_heads, self.head_dim
-        return {
-            "s": torch.zeros(batch, h, d, d, device=device, dtype=torch.float32),
-            "z": torch.zeros(batch, h, d, device=device, dtype=torch.float32),
-        }
+        return (
+            torch.zeros(batch, h, d, d, device=device, dtype=torch.float32),
+            torch.zeros(batch, h, d, device=device, dtype=torch.float32),
+        )
 
-    def step(self, x: Tensor, state: dict, pos: int) -> tuple[Tensor, dict]:
-        """Recurrent form (eq. 18-20): ``x: (b, 1, D)`` -> ``((b, 1, D), state)``, O(1) in ``pos``."""
+    def step(
+        self, x: Tensor, state: tuple[Tensor, Tensor], pos: int
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """Recurrent form (eq. 18-20, :func:`linear_attention_step`): ``x: (b, 1, D)`` ->
+        ``((b, 1, D), state)``, O(1) in ``pos``."""
         q, k, v = self.features(x)  # (b, h, 1, d)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            s = state["s"] + k.transpose(-2, -1) @ v  # (b, h, d, d)
-            z = state["z"] + k.squeeze(-2)  # (b, h, d)
-            out = (q @ s) / (q @ z.unsqueeze(-1) + self.eps)  # (b, h, 1, d)
-        return self.drop(self.out(self.merge(out).to(x.dtype))), {"s": s, "z": z}
+            out, state = linear_attention_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], state, self.eps)
+        return self.combine(out[:, :, None].to(x.dtype)), state

@@ -7,6 +7,14 @@ fixed-head-size attention of Bhojanapalli et al. 2020 ("Low-Rank Bottleneck in
 Multi-head Attention Models", section 4: d_p = n), selected by
 ``attention=fixed_head``.
 
+The output comes from the fused kernel only while :meth:`scores`, :meth:`normalize`
+and :meth:`weights` are the base class's (plain scaled dot-product softmax); a
+subclass that overrides any of them (e.g. cosine-similarity scores) runs the
+materialised path ``normalize(scores(q, k)) @ v`` instead, so its outputs and its
+maps both follow the override. ``return_weights=True`` always runs the
+materialised path (the fused kernels do not return weights); tests/test_contract.py
+checks that it reproduces the fused output.
+
 Legend: b batch, n queries, m keys, h heads, d head_dim, D d_model.
 """
 
@@ -31,10 +39,35 @@ class SoftmaxAttention(QKVAttention):
         dropout: dropout on the attention weights (training only).
         max_len: unused (accepted for the common contract).
         rope: apply rotary position embeddings to q and k.
+        bias: bias terms in the q/k/v and output projections.
+        rope_theta: RoPE base θ.
     """
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool) -> Tensor:
-        p = self.dropout if self.training else 0.0
-        return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal
+    @property
+    def fused(self) -> bool:
+        """True when the scores and normalisation are the plain softmax ones, so the
+        fused ``F.scaled_dot_product_attention`` computes exactly :meth:`weights` @ v."""
+        cls = type(self)
+        return (
+            cls.scores is QKVAttention.scores
+            and cls.normalize is QKVAttention.normalize
+            and cls.weights is QKVAttention.weights
         )
+
+    def attend(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        mask: Tensor | None,
+        causal: bool,
+        need_weights: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        """As :meth:`QKVAttention.attend`; fused kernel when :attr:`fused` and no weights are asked."""
+        if need_weights or not self.fused:
+            return super().attend(q, k, v, mask, causal, need_weights)
+        if causal and mask is None and q.shape[-2] != k.shape[-2]:
+            return super().attend(q, k, v, mask, causal, need_weights)  # SDPA aligns to the start
+        p = self.dropout if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal)
+        return out, None

@@ -18,7 +18,9 @@ per head (section 3.4, "Random + Vanilla"):
 
     logits = (1 - sigmoid(alpha)) · Q Kᵀ / sqrt(d) + sigmoid(alpha) · B,  alpha initialised to 0.
 
-``out = softmax(mask(logits)) V`` and an output projection ``h*d -> D``.
+``out = softmax(mask(logits)) V`` and an output projection ``h*d -> D``. The forward
+computes ``weights = normalize(logits(x), mask)`` once and applies them to V; with
+``return_weights=True`` it also returns them, so the maps are the forward's.
 
 Legend: b batch, n seq, L max_len, h heads, d head_dim, D d_model, r rank.
 """
@@ -47,8 +49,10 @@ class SynthesizerAttention(Attention):
     """Multi-head Synthesizer attention.
 
     Args:
-        d_model, n_heads, head_dim, causal, dropout: the common contract
-            (``dropout`` applies to the attention weights).
+        d_model, n_heads, head_dim, causal, dropout, bias, rope_theta: the common
+            contract (``dropout`` applies to the attention weights; ``bias`` to the v,
+            q/k (mix) and output projections; the dense synthesising MLP keeps the
+            biases of eq. 1).
         max_len: required; the synthesised logits cover ``max_len`` positions and
             longer inputs raise ValueError.
         mode: ``dense | random | factorized_random``.
@@ -96,12 +100,11 @@ class SynthesizerAttention(Attention):
             self.factors = nn.Parameter(
                 torch.randn(2, h, L, rank) / rank**0.5, requires_grad=trainable
             )
-        self.v = nn.Linear(d_model, self.inner_dim)
+        self.v = nn.Linear(d_model, self.inner_dim, bias=self.bias)
         if self.mix:
-            self.qk = nn.Linear(d_model, 2 * self.inner_dim)
+            self.qk = nn.Linear(d_model, 2 * self.inner_dim, bias=self.bias)
             self.alpha = nn.Parameter(torch.zeros(h, 1, 1))
-        self.out = nn.Linear(self.inner_dim, d_model)
-        self.attn_drop = nn.Dropout(self.dropout)
+        self.out = nn.Linear(self.inner_dim, d_model, bias=self.bias)
 
     def synthesized_logits(self, x: Tensor) -> Tensor:
         """Synthesised logits for ``x: (b, n, D)``: ``(b, h, n, n)`` or ``(1, h, n, n)``."""
@@ -126,18 +129,20 @@ class SynthesizerAttention(Attention):
         gate = torch.sigmoid(self.alpha)
         return (1 - gate) * dot + gate * logits
 
-    def attention_weights(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
-        """Normalised attention weights ``(b, h, n, n)`` after causal and padding masks."""
-        n = x.shape[1]
-        self.check_length(n)
-        logits = self.logits(x).float()
-        mask = attention_mask(padding_mask, self.causal, n, x.device)
-        if mask is not None:
-            logits = logits.masked_fill(~mask, float("-inf"))
-        return torch.softmax(logits, dim=-1).to(x.dtype).expand(x.shape[0], -1, -1, -1)
+    def values(self, x: Tensor) -> Tensor:
+        """``x: (b, n, D)`` -> v ``(b, h, n, d)``."""
+        return split_heads(self.v(x), self.n_heads)
 
-    def forward(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
-        """``x: (b, n, D)``, ``padding_mask: (b, n)`` bool (True = real) -> ``(b, n, D)``."""
-        weights = self.attn_drop(self.attention_weights(x, padding_mask))
-        out = weights @ split_heads(self.v(x), self.n_heads)  # (b, h, n, d)
-        return self.out(self.merge(out))
+    def forward(
+        self, x: Tensor, padding_mask: Tensor | None = None, return_weights: bool = False
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """``x: (b, n, D)``, ``padding_mask: (b, n)`` bool (True = real) -> ``(b, n, D)``;
+        with ``return_weights``, ``((b, n, D), weights (b, h, n, n))`` (the weights applied
+        to V: after causal and padding masks, and dropout in training)."""
+        b, n, _ = x.shape
+        self.check_length(n)
+        mask = attention_mask(padding_mask, self.causal, n, x.device)
+        weights = self.normalize(self.logits(x), mask).to(x.dtype).expand(b, -1, -1, -1)
+        weights = self.attn_drop(weights)
+        out = self.combine(weights @ self.values(x))  # (b, n, D)
+        return (out, weights) if return_weights else out

@@ -18,36 +18,35 @@ Legend: b batch, n queries, m keys, h heads, d head_dim, D d_model.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from attnlab.attention.base import QKVAttention, causal_mask
+from attnlab.attention.base import QKVAttention
 
 
 class TalkingHeadsAttention(QKVAttention):
-    """Multi-head attention with talking heads. Arguments as :class:`SoftmaxAttention`."""
+    """Multi-head attention with talking heads. Arguments as :class:`SoftmaxAttention`
+    (``dropout`` acts on the mixed weights ``W'``, the ones applied to V).
+
+    :meth:`scores` mixes the logits with ``P_l``; :meth:`normalize` masks, applies the
+    softmax and mixes with ``P_w``; forward, :meth:`attention_weights` and the KV-cache
+    step all go through both.
+    """
 
     def __init__(self, d_model: int, n_heads: int, head_dim: int | None = None, **kw: Any) -> None:
         super().__init__(d_model, n_heads, head_dim, **kw)
         self.mix_logits = nn.Parameter(torch.eye(n_heads))
         self.mix_weights = nn.Parameter(torch.eye(n_heads))
-        self.attn_drop = nn.Dropout(self.dropout)
 
-    def weights(self, q: Tensor, k: Tensor, mask: Tensor | None) -> Tensor:
-        """Talking-heads weights ``W' (b, h, n, m)``: logits mixed by ``P_l``, masked, softmax,
-        then mixed by ``P_w`` (the equations above); float32."""
-        logits = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)  # (b, h, n, m)
-        logits = torch.einsum("bimn,ij->bjmn", logits, self.mix_logits.to(logits.dtype))
-        if mask is not None:
-            logits = logits.masked_fill(~mask, float("-inf"))
-        weights = torch.softmax(logits.float(), dim=-1)
+    def scores(self, q: Tensor, k: Tensor) -> Tensor:
+        """Mixed logits ``L' (b, h, n, m)``: ``q kᵀ / sqrt(d)`` mixed across heads by ``P_l``."""
+        logits = super().scores(q, k)  # (b, h, n, m)
+        return torch.einsum("bimn,ij->bjmn", logits, self.mix_logits.to(logits.dtype))
+
+    def normalize(self, logits: Tensor, mask: Tensor | None) -> Tensor:
+        """``W' = P_w``-mixed ``softmax(mask(L'))`` ``(b, h, n, m)``, float32. Masked entries
+        are 0 in every head, so the mixed weights keep the masks."""
+        weights = super().normalize(logits, mask)
         return torch.einsum("bimn,ij->bjmn", weights, self.mix_weights.float())
-
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool) -> Tensor:
-        if causal:
-            mask = causal_mask(q.shape[-2], k.shape[-2], q.device)
-        weights = self.weights(q, k, mask).to(q.dtype)
-        return self.attn_drop(weights) @ v  # (b, h, n, d)
