@@ -44,8 +44,18 @@ def _cli(*args: str, timeout: int = 240) -> str:
 
 
 def _sweep_values(name: str) -> dict[str, list[str]]:
+    """The sweep's values per key (seed aside), expanded as Hydra's BasicSweeper does:
+    with a config loader, so ``glob(*)`` lists the config group's options."""
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from hydra._internal.utils import create_config_search_path
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
     params = OmegaConf.load(Path(CONF_DIR) / "experiment" / f"{name}.yaml").hydra.sweeper.params
-    return {k: str(v).split(",") for k, v in params.items() if k != "seed"}
+    loader = ConfigLoaderImpl(config_search_path=create_config_search_path(str(CONF_DIR)))
+    overrides = OverridesParser.create(config_loader=loader).parse_overrides(
+        [f"{k}={v}" for k, v in params.items() if k != "seed"]
+    )
+    return {o.key_or_group: list(o.sweep_string_iterator()) for o in overrides}
 
 
 @pytest.mark.parametrize("name", available("experiment"))
@@ -73,6 +83,8 @@ def test_experiment_composes_and_builds_every_sweep_point(name):
 
 
 def test_variant_ablation_covers_every_variant():
+    sweeper = OmegaConf.load(Path(CONF_DIR) / "experiment" / "variant_ablation.yaml").hydra.sweeper
+    assert sweeper.params.attention == "glob(*)"  # a new variant joins without editing the list
     assert sorted(_sweep_values("variant_ablation")["attention"]) == available("attention")
 
 
