@@ -17,10 +17,10 @@ import pytest
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from attnlab.build import build_task
 from attnlab.config import available, compose
 from attnlab.evaluate import load_checkpoint, restore_task
 from attnlab.paths import CONF_DIR, default_data_dir
-from attnlab.train import build_network
 from tests.test_train import TINY_ENWIK8, TINY_MODEL
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,7 +71,7 @@ def test_experiment_composes_and_builds_every_sweep_point(name):
         overrides = [f"+experiment={name}", "logger=none", *(f"{k}={v}" for k, v in point.items())]
         cfg = compose("train", overrides, run_dir="/tmp/unused")
         assert cfg.study == name
-        model = build_network(cfg, vocab_size=300)
+        model = build_task(cfg, vocab_size=300).model
         for key, value in point.items():
             if key.startswith("model."):
                 assert str(OmegaConf.select(cfg, key)) == value

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from attnlab import hardware
+from attnlab.build import resolve_runtime
 from attnlab.config import compose
 from attnlab.hardware import (
     available_cores,
@@ -22,7 +23,7 @@ from attnlab.hardware import (
     resolve_threads,
 )
 from attnlab.paths import default_data_dir
-from attnlab.train import resolve_runtime, train
+from attnlab.train import train
 from tests.test_train import TINY_ENWIK8, TINY_MODEL
 
 needs_data = pytest.mark.skipif(default_data_dir() is None, reason="needs ../shared/data")

@@ -6,13 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from attnlab.models import build_model, count_parameters
+from attnlab.models import Backbone, LanguageModel, SequenceClassifier, count_parameters
 from tests.conftest import VARIANTS, attention_partial, positions_for
 
 V = 50
 
 
-def tiny(name, task, max_len=32, **kw):
+def tiny(name, task, max_len=32, pooling="mean", tie_embeddings=True, **kw):
+    """A small model: ``task`` is ``classification`` (pooled head) or ``lm`` (LM head)."""
     kw = {
         "d_model": 32,
         "n_layers": 2,
@@ -22,7 +23,10 @@ def tiny(name, task, max_len=32, **kw):
         **kw,
     }
     torch.manual_seed(0)
-    return build_model(task, attention_partial(name), V, max_len, **kw)
+    bb = Backbone(V, attention_partial(name), max_len=max_len, causal=task == "lm", **kw)
+    if task == "classification":
+        return SequenceClassifier(bb, 2, pooling)
+    return LanguageModel(bb, V, tie_embeddings)
 
 
 @pytest.mark.parametrize("name", VARIANTS)

@@ -16,8 +16,9 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
+from attnlab.checkpointing import AtomicCheckpointIO
+from attnlab.errors import NonFiniteError
 from attnlab.paths import default_data_dir
-from attnlab.reliability import AtomicCheckpointIO, NonFiniteError
 from attnlab.tasks import LanguageModelTask
 from attnlab.train import train
 from tests.test_errors import run_cli
@@ -99,12 +100,11 @@ class _SigtermAt(pl.Callback):
             os.kill(os.getpid(), signal.SIGTERM)
 
 
-def test_sigterm_saves_last_checkpoint_then_stops(tmp_path, monkeypatch):
-    import attnlab.train as train_mod
-
+def test_sigterm_saves_last_checkpoint_then_stops(tmp_path):
     # SIGTERM arrives during the 4th batch; no periodic checkpoints, validation only at step 8
-    monkeypatch.setattr(train_mod, "RNGStateCallback", lambda: _SigtermAt(3))
-    cfg = tiny_cfg(tmp_path, TINY_ENWIK8, "task.data.train_batches_per_epoch=8")
+    sigterm = ["+callbacks.sigterm._target_=tests.test_reliability._SigtermAt",
+               "+callbacks.sigterm.step=3"]  # fmt: skip
+    cfg = tiny_cfg(tmp_path, TINY_ENWIK8, "task.data.train_batches_per_epoch=8", *sigterm)
     with pytest.raises(SystemExit) as stop:
         train(cfg)
     assert stop.value.code == 128 + signal.SIGTERM  # not 0: the run did not finish

@@ -232,3 +232,17 @@ def test_report_writes_markdown_and_a_heads_plot_when_n_heads_varies(tmp_path):
 def test_missing_path_is_an_error(tmp_path):
     with pytest.raises(SystemExit, match="does not exist"):
         rep.main([str(tmp_path / "nope")])
+
+
+def test_reach_column_gives_the_first_step_per_seed(tmp_path):
+    # bpb is lower-better: the curve is best + 0.5 at step 2, best at step 4 (make_run)
+    make_run(tmp_path, "a", seed=0, best=1.0, task__monitor_mode="min")
+    make_run(tmp_path, "b", seed=1, best=1.6, task__monitor_mode="min")
+    runs = [rep.load_run(d) for d in rep.find_run_dirs([tmp_path])]
+    (section,) = rep.group_runs(runs)
+    text = rep.table(section, reach=1.5)
+    assert "steps to val/bpb 1.5" in text
+    row = text.splitlines()[-1]
+    assert "| 3, - |" in row  # seed 0: 1.5 at step index 2 (3 steps done); seed 1 never
+    assert rep.first_step(runs[0]["curve"], 2.0, higher=False) == 2.0
+    assert "steps to" not in rep.table(section)  # only when asked

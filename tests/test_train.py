@@ -15,13 +15,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from attnlab.build import build_task
 from attnlab.config import compose
 from attnlab.data.enwik8 import Enwik8DataModule
 from attnlab.evaluate import load_checkpoint
 from attnlab.metrics import LN2, BitsPerByte
 from attnlab.paths import default_data_dir
-from attnlab.tasks import LanguageModelTask
-from attnlab.train import build_network, train
+from attnlab.train import train
 from tests.conftest import VARIANTS, positions_for
 
 pytestmark = pytest.mark.skipif(default_data_dir() is None, reason="needs ../shared/data")
@@ -139,7 +139,7 @@ def test_cli_generate_from_enwik8_checkpoint(tmp_path):
     ]
     assert greedy[0] == greedy[1] and greedy[0].startswith("<page>")
     cfg, raw = load_checkpoint(ckpt)
-    assert cfg.task.kind == "lm" and "state_dict" in raw
+    assert cfg.task.module._target_ == "attnlab.tasks.LanguageModelTask" and "state_dict" in raw
 
 
 def test_unknown_variant_lists_the_available_ones(tmp_path):
@@ -195,8 +195,8 @@ def test_sliding_window_bpb_equals_brute_force_per_byte_scoring(tmp_path):
         run_dir=str(tmp_path / "run"),
     )
     torch.manual_seed(0)
-    model = build_network(cfg, 256).eval()
-    task = LanguageModelTask(model, optim={"lr": 1e-3})
+    task = build_task(cfg, 256).eval()
+    model = task.model
     trainer = pl.Trainer(
         accelerator="cpu", logger=False, enable_progress_bar=False, enable_checkpointing=False
     )

@@ -20,8 +20,8 @@ import pytest
 import torch
 
 from attnlab.config import compose
+from attnlab.errors import DiskFullError
 from attnlab.paths import default_data_dir
-from attnlab.reliability import DiskFullError
 from attnlab.tasks import ClassificationTask, LanguageModelTask
 from attnlab.train import train
 from tests.test_errors import run_cli
@@ -203,11 +203,10 @@ class _SigtermDuringValidation(pl.Callback):
 
 
 @needs_data
-def test_sigterm_during_validation_saves_after_it_and_exits_nonzero(tmp_path, monkeypatch):
-    import attnlab.train as train_mod
-
-    monkeypatch.setattr(train_mod, "RNGStateCallback", _SigtermDuringValidation)
-    cfg = tiny_cfg(tmp_path, TINY_ENWIK8, "trainer.max_epochs=2")
+def test_sigterm_during_validation_saves_after_it_and_exits_nonzero(tmp_path):
+    # a callback added from the command line, as a user would (conf/callbacks/default.yaml)
+    sigterm = "+callbacks.sigterm._target_=tests.test_trust._SigtermDuringValidation"
+    cfg = tiny_cfg(tmp_path, TINY_ENWIK8, "trainer.max_epochs=2", sigterm)
     with pytest.raises(SystemExit) as stop:
         train(cfg)
     assert stop.value.code == 128 + signal.SIGTERM
@@ -323,8 +322,8 @@ def bad_checkpoints(tmp_path_factory) -> dict[str, Path]:
 def test_damaged_checkpoint_is_a_one_line_error(bad_checkpoints, kind):
     from omegaconf import OmegaConf
 
+    from attnlab.errors import user_message
     from attnlab.evaluate import evaluate, generate
-    from attnlab.reliability import user_message
 
     path = bad_checkpoints[kind]
     for fn, cfg in (
@@ -367,7 +366,7 @@ def test_cli_prints_a_damaged_checkpoint_as_one_line(bad_checkpoints, tmp_path, 
 def test_config_errors_come_before_any_data_is_read_as_one_line(tmp_path, override, message):
     if "gpu" in override and torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    from attnlab.reliability import user_message
+    from attnlab.errors import user_message
 
     cfg = tiny_cfg(tmp_path, TINY_ENWIK8, f"task.data.path={tmp_path / 'no_data'}", override)
     with pytest.raises(ValueError) as err:
@@ -427,7 +426,7 @@ def test_full_disk_names_the_path_and_no_space(tmp_path, monkeypatch):
     import shutil
     from collections import namedtuple
 
-    from attnlab.reliability import AtomicCheckpointIO
+    from attnlab.checkpointing import AtomicCheckpointIO
 
     io, path = AtomicCheckpointIO(), tmp_path / "last.ckpt"
     io.save_checkpoint({"global_step": 1}, path)

@@ -22,48 +22,40 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import Tensor
 
+from attnlab.attention.base import AttentionWeightsUnavailable
+from attnlab.build import make_datamodule
 from attnlab.evaluate import load_checkpoint, restore_task
+from attnlab.tasks.base import TaskModule
 
 
 @torch.no_grad()
-def score(model: torch.nn.Module, loader: Any, kind: str, device: str) -> float:
-    """Accuracy (classification) or bits per byte (lm, scored bytes only) over ``loader``."""
-    hits = total = 0.0
+def score(task: TaskModule, loader: Any, device: str) -> float:
+    """The task's metric (:attr:`TaskModule.metric`, e.g. accuracy or bits per byte) over
+    ``loader``, from the task's own per-batch scoring (:meth:`TaskModule.score`)."""
+    total = count = 0.0
     for batch in loader:
-        batch = {k: v.to(device) for k, v in batch.items()}
-        if kind == "classification":
-            logits = model(batch["input_ids"], batch["padding_mask"])
-            hits += float((logits.argmax(-1) == batch["labels"]).sum())
-            total += batch["labels"].numel()
-        else:
-            logits = model(batch["input_ids"]).float()
-            nats = F.cross_entropy(
-                logits.flatten(0, 1), batch["targets"].flatten(), reduction="none"
-            )
-            mask = batch["loss_mask"].flatten()
-            hits += float(nats[mask].sum())
-            total += float(mask.sum())
-    if total == 0:
+        s, n = task.score({k: v.to(device) for k, v in batch.items()})
+        total, count = total + s, count + n
+    if count == 0:
         raise ValueError("analyze: the evaluation split is empty; raise `limit`.")
-    return hits / total if kind == "classification" else hits / total / math.log(2)
+    return total / count
 
 
-def head_importance(model: torch.nn.Module, loader: Any, kind: str, device: str) -> tuple:
-    """``(base metric, drops (layers, heads))``: the metric drop when each head is masked."""
-    attns = model.backbone.attentions
-    base = score(model, loader, kind, device)
-    sign = 1.0 if kind == "classification" else -1.0  # drop = loss of quality
+def head_importance(task: TaskModule, loader: Any, device: str, higher_is_better: bool) -> tuple:
+    """``(base metric, drops (layers, heads))``: the metric drop when each head is masked
+    (Michel et al. 2019, "Are Sixteen Heads Really Better than One?"); positive = the head helps."""
+    attns = task.model.backbone.attentions
+    base = score(task, loader, device)
+    sign = 1.0 if higher_is_better else -1.0  # drop = loss of quality
     drops = np.zeros((len(attns), max(a.n_heads for a in attns)))
     for layer, attn in enumerate(attns):
         for head in range(attn.n_heads):
             attn.head_mask[head] = 0.0
             try:
-                drops[layer, head] = sign * (base - score(model, loader, kind, device))
+                drops[layer, head] = sign * (base - score(task, loader, device))
             finally:
                 attn.head_mask[head] = 1.0
     return base, drops
@@ -73,8 +65,11 @@ def head_importance(model: torch.nn.Module, loader: Any, kind: str, device: str)
 def attention_maps(model: torch.nn.Module, ids: Tensor) -> list[Tensor]:
     """Per layer, the weights ``(h, n, n)`` of each attention module on ``ids: (1, n)``."""
     attns = model.backbone.attentions
-    if not all(hasattr(a, "attention_weights") for a in attns):
-        raise ValueError(f"{type(attns[0]).__name__} has no attention_weights(): no maps to draw.")
+    no_weights = [type(a).__name__ for a in attns if not a.has_weights]
+    if no_weights:
+        raise AttentionWeightsUnavailable(
+            f"{no_weights[0]} reports no attention weights (has_weights=False): no maps to draw."
+        )
     inputs: list[tuple] = []
     hooks = [a.register_forward_pre_hook(lambda m, args: inputs.append(args)) for a in attns]
     try:
@@ -136,25 +131,22 @@ def analyze(cfg: DictConfig) -> dict[str, Any]:
     matplotlib.use("Agg")
     run_cfg, ckpt = load_checkpoint(cfg.ckpt)
     run_cfg.paths.data_dir, run_cfg.paths.cache_dir = cfg.paths.data_dir, cfg.paths.cache_dir
-    kind = str(run_cfg.task.kind)
-    limit_key = "limit_val_bytes" if kind == "lm" else "limit_val"
-    if cfg.split == "test":
-        limit_key = limit_key.replace("val", "test")
-    elif cfg.split != "val":
+    if cfg.split not in ("val", "test"):
         raise ValueError(f"split={cfg.split!r} is not one of ['val', 'test'].")
-    run_cfg.task.data[limit_key] = cfg.limit
     if cfg.get("batch_size"):
         run_cfg.task.data.batch_size = cfg.batch_size
-    model = restore_task(run_cfg, ckpt).model.to(cfg.device).eval()
-    dm = instantiate(run_cfg.task.data)
+    task = restore_task(run_cfg, ckpt).to(cfg.device).eval()
+    dm = make_datamodule(run_cfg)
+    dm.limits[cfg.split] = cfg.limit  # the data module's own unit (examples, bytes)
     dm.prepare_data()
     dm.setup("fit" if cfg.split == "val" else "test")
     loader = dm.val_dataloader() if cfg.split == "val" else dm.test_dataloader()
-    base, drops = head_importance(model, loader, kind, cfg.device)
+    higher = str(run_cfg.task.monitor_mode) == "max"
+    base, drops = head_importance(task, loader, cfg.device, higher)
 
     out = Path(cfg.out) if cfg.get("out") else Path(cfg.ckpt).resolve().parent.parent / "analysis"
     out.mkdir(parents=True, exist_ok=True)
-    metric, unit = ("acc", "accuracy") if kind == "classification" else ("bpb", "bits per byte")
+    metric, unit = task.metric, task.metric_unit
     header = "| layer | " + " | ".join(f"head {j}" for j in range(drops.shape[1])) + " |"
     lines = [
         f"# head importance: {cfg.ckpt}",
@@ -170,13 +162,12 @@ def analyze(cfg: DictConfig) -> dict[str, Any]:
     (out / "head_importance.md").write_text(table + "\n")
     files = [_plot_importance(drops, unit, out / "head_importance.png")]
 
-    if kind == "lm":
-        raw = str(cfg.text).encode("utf-8")[-int(run_cfg.task.max_len) :]
-        ids, tokens = list(raw), [chr(b) if 32 < b < 127 else repr(chr(b))[1:-1] for b in raw]
-    else:
-        ids = dm.encode([str(cfg.text)])[0]
-        tokens = [str(i) for i in ids]
-    maps = attention_maps(model, torch.tensor([ids], device=cfg.device))
+    ids, tokens = dm.example_for_maps(str(cfg.text))
+    try:
+        maps = attention_maps(task.model, torch.tensor([ids], device=cfg.device))
+    except AttentionWeightsUnavailable as err:  # head importance stands; say why no maps
+        maps = []
+        print(f"attention maps: none ({err})")
     for layer, w in enumerate(maps):
         files.append(_plot_maps(w, tokens, layer, out / f"attention_layer{layer}.png"))
     print(table)

@@ -1,13 +1,29 @@
-"""Lightning callbacks: throughput, tokens seen and peak memory."""
+"""Lightning callbacks: throughput, tokens seen and peak memory; the non-finite guard; random
+states in checkpoints (stop signals and ``last.ckpt``: :mod:`attnlab.interrupts`).
+
+- :class:`NonFiniteGuard`: a non-finite loss or gradient stops training (``nonfinite: stop``)
+  before the optimizer step, or skips that step (``nonfinite: skip``).
+- :class:`RNGStateCallback`: a stopped (SIGTERM) or killed run resumed from its checkpoint
+  continues with the same random state (enwik8 batches are a pure function of (seed, global
+  step), :class:`attnlab.data.windows.StepSampler`; IMDb's sampler skips the batches of the
+  interrupted epoch already trained, :class:`attnlab.data.imdb.IMDbDataModule`).
+"""
 
 from __future__ import annotations
 
+import logging
+import random
 import resource
 import time
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
+
+from attnlab.errors import NONFINITE_FIXES, NONFINITE_MODES, NonFiniteError
+
+log = logging.getLogger("attnlab")
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -142,3 +158,102 @@ class ThroughputMonitor(pl.Callback):
         self.earlier_attempts_s = self._fit_time_before
         self._fit_start = time.perf_counter()  # restored at the start of this attempt's fit
         self.attempts = int(state_dict.get("attempts", 1)) + 1
+
+
+class NonFiniteGuard(pl.Callback):
+    """Check the loss and gradients before every optimizer step.
+
+    Args:
+        mode: ``"stop"`` raises :class:`NonFiniteError` naming the step (the weights are still
+            the last finite ones and no checkpoint of the bad step is written); ``"skip"``
+            drops the gradients so the optimizer leaves the weights unchanged, and counts the
+            skipped steps (``skipped``, logged as ``train/skipped_steps``).
+
+    Under fp16 loss scaling (``16-mixed``) an infinite gradient is the scaler's business (it
+    skips the step and lowers the scale), so only the loss is checked there.
+    """
+
+    def __init__(self, mode: str = "stop") -> None:
+        if mode not in NONFINITE_MODES:
+            raise ValueError(f"nonfinite={mode!r} is not one of {list(NONFINITE_MODES)}.")
+        self.mode, self.skipped = mode, 0
+        self._loss: torch.Tensor | None = None
+
+    def on_before_backward(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor
+    ) -> None:
+        self._loss = loss.detach()
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
+    ) -> None:
+        scaled = getattr(trainer.precision_plugin, "scaler", None) is not None
+        what = None
+        if self._loss is not None and not torch.isfinite(self._loss).all():
+            what = f"loss {self._loss.float().mean().item()}"
+        elif not scaled:
+            bad = [
+                n
+                for n, p in pl_module.named_parameters()
+                if p.grad is not None and not torch.isfinite(p.grad).all()
+            ]
+            if bad:
+                what = f"gradient of {len(bad)} parameter(s), first {bad[0]}"
+        if what is None:
+            return
+        step = trainer.global_step
+        if self.mode == "stop":
+            raise NonFiniteError(
+                f"non-finite {what} at step {step} (epoch {trainer.current_epoch}); training "
+                f"stopped before the weights were updated, the last good checkpoint is kept. "
+                f"Fix: {NONFINITE_FIXES}."
+            )
+        if scaled:
+            return  # GradScaler skips the step itself
+        self.skipped += 1
+        log.warning("non-finite %s at step %d: step skipped (%d so far)", what, step, self.skipped)
+        optimizer.zero_grad(set_to_none=True)  # AdamW/SGD leave parameters without grads alone
+        pl_module.log("train/skipped_steps", float(self.skipped), on_step=True, on_epoch=False)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"skipped": self.skipped}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.skipped = int(state_dict.get("skipped", 0))
+
+
+class RNGStateCallback(pl.Callback):
+    """Checkpoint the Python, NumPy and torch (CPU, CUDA) random states; restore them just
+    before the first training batch after resuming, so dropout masks continue as if the run
+    had never stopped."""
+
+    def __init__(self) -> None:
+        self._pending: dict[str, Any] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {
+            "python": random.getstate(),
+            "numpy": _plain(np.random.get_state()),  # plain types: weights_only loading works
+            "torch": torch.get_rng_state(),
+        }
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._pending = state_dict
+
+    def on_train_batch_start(self, *args: Any) -> None:
+        if self._pending is None:
+            return
+        s, self._pending = self._pending, None
+        random.setstate(s["python"])
+        kind, keys, *rest = s["numpy"]
+        np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
+        torch.set_rng_state(s["torch"])
+        if "cuda" in s and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def _plain(state: tuple) -> tuple:
+    return tuple(x.tolist() if isinstance(x, np.ndarray) else x for x in state)

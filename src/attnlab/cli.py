@@ -41,7 +41,7 @@ Run `attnlab <command> --help` for its options and config groups.
 def _hydra_command(config_name: str, fn: Callable[[DictConfig], object]) -> Callable[[], None]:
     @hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base=None)
     def _run(cfg: DictConfig) -> None:
-        from attnlab.reliability import run_command
+        from attnlab.commands import run_command
 
         run_command(config_name, fn, cfg)  # one-line errors; failed sweep jobs don't stop -m
 

@@ -12,14 +12,13 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from attnlab.build import build_task, make_datamodule
+from attnlab.checkpointing import state_dict_mismatch
 from attnlab.hardware import device_type, resolve_precision
-from attnlab.reliability import state_dict_mismatch
 from attnlab.resume import read_checkpoint
-from attnlab.tasks import TaskModule, fill_metric_states
-from attnlab.train import build_network, build_task
+from attnlab.tasks.base import TaskModule, fill_metric_states
 
 
 def load_checkpoint(path: str | Path) -> tuple[DictConfig, dict[str, Any]]:
@@ -35,8 +34,7 @@ def load_checkpoint(path: str | Path) -> tuple[DictConfig, dict[str, Any]]:
 
 def restore_task(run_cfg: DictConfig, ckpt: dict[str, Any]) -> TaskModule:
     """Rebuild the task module from its config and load the checkpoint's weights."""
-    model = build_network(run_cfg, int(run_cfg.vocab_size))
-    task = build_task(run_cfg, model, int(run_cfg.vocab_size))
+    task = build_task(run_cfg, int(run_cfg.vocab_size))
     fill_metric_states(task, ckpt["state_dict"])
     try:
         task.load_state_dict(ckpt["state_dict"])
@@ -55,7 +53,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("batch_size"):
         run_cfg.task.data.batch_size = cfg.batch_size
     task = restore_task(run_cfg, ckpt)
-    dm = instantiate(run_cfg.task.data)
+    dm = make_datamodule(run_cfg)
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     device = device_type(trainer_cfg.get("accelerator", "auto"))
     trainer_cfg["precision"] = resolve_precision(trainer_cfg.get("precision", "auto"), device).value
@@ -82,12 +80,12 @@ def generate(cfg: DictConfig) -> str:
             f"device={device} but torch {torch.__version__} sees no CUDA GPU; use device=cpu."
         )
     run_cfg, ckpt = load_checkpoint(cfg.ckpt)
-    if run_cfg.task.kind != "lm":
-        raise ValueError(
-            f"{cfg.ckpt} is a {run_cfg.task.kind} model; generate needs a language "
-            f"model (train one with task=enwik8)."
-        )
     task = restore_task(run_cfg, ckpt).to(cfg.device)
+    if not hasattr(task.model, "generate"):
+        raise ValueError(
+            f"{cfg.ckpt} is a {run_cfg.task.name} model ({type(task).__name__}) with no "
+            f"generate(); generate needs a language model (train one with task=enwik8)."
+        )
     context = int(run_cfg.task.max_len)
     prompt = str(cfg.prompt).encode("utf-8")[-context:] or b"\n"
     ids = torch.tensor(list(prompt), dtype=torch.long, device=cfg.device)[None]

@@ -224,7 +224,7 @@ class FinishingLauncher(BaseSubmititLauncher):
             "error_type": type(err).__name__,
         }
         with contextlib.suppress(Exception), self._job_config(overrides, num) as cfg:
-            from attnlab.reliability import failed_summary
+            from attnlab.commands import failed_summary
 
             summary = failed_summary(cfg, err)
         summary["job_num"] = num

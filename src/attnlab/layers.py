@@ -22,10 +22,13 @@ class RMSNorm(nn.RMSNorm):
 class FeedForward(nn.Module):
     """Position-wise ReLU MLP ``D -> hidden -> D`` (Vaswani et al. 2017, eq. 2); hidden = 4·D."""
 
-    def __init__(self, d_model: int, hidden: int | None = None, dropout: float = 0.0) -> None:
+    def __init__(
+        self, d_model: int, hidden: int | None = None, dropout: float = 0.0, bias: bool = True
+    ) -> None:
         super().__init__()
         hidden = hidden or 4 * d_model
-        self.up, self.down = nn.Linear(d_model, hidden), nn.Linear(hidden, d_model)
+        self.up = nn.Linear(d_model, hidden, bias=bias)
+        self.down = nn.Linear(hidden, d_model, bias=bias)
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -11,6 +11,11 @@ from torchmetrics import Metric
 LN2 = math.log(2.0)
 
 
+def nats_to_bits(nats):  # noqa: ANN001, ANN201 - float or Tensor in, the same out
+    """Nats to bits: ``nats / ln 2`` (the one conversion every bits-per-byte figure uses)."""
+    return nats / LN2
+
+
 def bits_per_byte(total_nats: float, n_bytes: int) -> float:
     """Bits per byte: ``total_nats / n_bytes / ln 2``, the summed cross-entropy (nats) over
     all scored bytes, per byte, in bits -- the enwik8 / Hutter Prize metric
@@ -21,7 +26,7 @@ def bits_per_byte(total_nats: float, n_bytes: int) -> float:
     """
     if n_bytes <= 0:
         raise ValueError(f"n_bytes must be positive, got {n_bytes}")
-    return total_nats / n_bytes / LN2
+    return nats_to_bits(total_nats / n_bytes)
 
 
 class BitsPerByte(Metric):
@@ -49,4 +54,4 @@ class BitsPerByte(Metric):
             self.count += int(count)
 
     def compute(self) -> Tensor:
-        return self.nats / self.count.clamp_min(1) / LN2
+        return nats_to_bits(self.nats / self.count.clamp_min(1))

@@ -5,6 +5,7 @@ Shapes: ``b`` batch, ``n`` seq, ``D`` d_model, ``V`` vocab size, ``C`` classes.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -31,6 +32,8 @@ BACKBONE_OWNED = {
     "causal": "the task (language modelling is causal)",
     "max_len": "task.max_len",
     "rope": "model.positions",
+    "rope_theta": "model.rope_theta",
+    "bias": "model.bias",
 }
 
 
@@ -56,9 +59,14 @@ class Backbone(nn.Module):
         d_model, n_layers, n_heads: sizes.
         max_len: longest sequence (context) the model is built for.
         causal: language modelling (True) or bidirectional encoding (False).
-        norm: ``layernorm | rmsnorm``. ffn: ``relu | swiglu``; ``ffn_hidden`` overrides its width.
+        norm: ``layernorm | rmsnorm``, or a factory ``norm(d_model, eps=...) -> nn.Module`` (a
+            ``_target_`` partial in the model config). ffn: ``relu | swiglu``, or a factory
+            ``ffn(d_model, hidden, dropout) -> nn.Module``; ``ffn_hidden`` overrides its width.
         positions: ``learned | rope | none``. prenorm: pre-norm (modern) or post-norm (classic).
         dropout: on embeddings and residual branches (and in the FFN).
+        bias: biases in the attention projections (and the ReLU FFN); ``False`` as nanoGPT's
+            ``bias=False``. SwiGLU never has biases (Shazeer 2020).
+        norm_eps: the norms' epsilon (null: each norm's default, LayerNorm 1e-5, RMSNorm 1e-6). rope_theta: RoPE's base (Su et al. 2021, eq. 15: 10,000).
 
     Raises:
         ValueError: non-positive sizes, dropout outside [0, 1), an unknown
@@ -75,12 +83,15 @@ class Backbone(nn.Module):
         n_heads: int = 4,
         max_len: int = 256,
         causal: bool = False,
-        norm: str = "rmsnorm",
-        ffn: str = "swiglu",
+        norm: str | Callable[..., nn.Module] = "rmsnorm",
+        ffn: str | Callable[..., nn.Module] = "swiglu",
         ffn_hidden: int | None = None,
         positions: str = "rope",
         prenorm: bool = True,
         dropout: float = 0.1,
+        bias: bool = True,
+        norm_eps: float | None = None,
+        rope_theta: float = 10000.0,
     ) -> None:
         super().__init__()
         for name, value in (
@@ -99,9 +110,21 @@ class Backbone(nn.Module):
                 f"model.ffn_hidden must be a positive integer, or null for the default width, "
                 f"got {ffn_hidden!r}."
             )
+        if norm_eps is not None and (not isinstance(norm_eps, int | float) or not norm_eps > 0):
+            raise ValueError(f"model.norm_eps must be a positive number or null, got {norm_eps!r}.")
         _check_backbone_owned(attention)
-        norm_cls = choose("norm", norm, NORMS)
-        ffn_cls = choose("ffn", ffn, FEEDFORWARDS)
+        base_norm = choose("norm", norm, NORMS) if isinstance(norm, str) else norm
+        base_ffn = choose("ffn", ffn, FEEDFORWARDS) if isinstance(ffn, str) else ffn
+
+        norm_kw = {} if norm_eps is None else {"eps": norm_eps}
+        ffn_kw = {"bias": bias} if "bias" in inspect.signature(base_ffn).parameters else {}
+
+        def norm_cls(dim: int) -> nn.Module:
+            return base_norm(dim, **norm_kw)
+
+        def ffn_cls(dim: int, hidden: int | None, p: float) -> nn.Module:
+            return base_ffn(dim, hidden, p, **ffn_kw)
+
         self.positions = choose("positions", positions, POSITIONS)
         self.d_model, self.max_len, self.causal = d_model, max_len, causal
         self.embed = nn.Embedding(vocab_size, d_model)
@@ -111,7 +134,13 @@ class Backbone(nn.Module):
         blocks = []
         for _ in range(n_layers):
             attn = attention(
-                d_model=d_model, n_heads=n_heads, causal=causal, max_len=max_len, rope=rope
+                d_model=d_model,
+                n_heads=n_heads,
+                causal=causal,
+                max_len=max_len,
+                rope=rope,
+                bias=bias,
+                rope_theta=rope_theta,
             )
             self._check_capabilities(attn, causal, rope)
             blocks.append(
@@ -139,7 +168,7 @@ class Backbone(nn.Module):
         if rope and not attn.uses_qk:
             raise ValueError(
                 f"model.positions=rope rotates queries and keys, but {name} has no "
-                f"q·k scores; use model.positions=learned with this variant."
+                f"q·k scores (uses_qk=False); use model.positions=learned with this variant."
             )
 
     @property
@@ -191,7 +220,8 @@ class Backbone(nn.Module):
 
 
 def _init_weights(module: nn.Module) -> None:
-    """GPT-2 style initialisation: N(0, 0.02) for linear and embedding weights, zero biases."""
+    """GPT-2 style initialisation (Radford et al. 2019): N(0, 0.02) for linear and embedding
+    weights, zero biases; applied to the backbone and to every head (classifier, untied LM)."""
     if isinstance(module, nn.Linear):
         nn.init.normal_(module.weight, std=0.02)
         if module.bias is not None:
@@ -216,6 +246,7 @@ class SequenceClassifier(nn.Module):
             raise ValueError(f"model.pooling={pooling!r} is not one of {list(POOLINGS)}.")
         self.backbone, self.pooling = backbone, pooling
         self.head = nn.Linear(backbone.d_model, num_classes)
+        self.head.apply(_init_weights)  # the same documented init as the backbone
 
     def pool(self, h: Tensor, padding_mask: Tensor | None) -> Tensor:
         """``h: (b, n, D)`` -> ``(b, D)``, ignoring padded positions."""
@@ -247,6 +278,8 @@ class LanguageModel(nn.Module):
         self.head = nn.Linear(backbone.d_model, vocab_size, bias=False)
         if tie_embeddings:
             self.head.weight = backbone.embed.weight
+        else:  # an untied head gets the same documented init as the rest (not nn.Linear's)
+            self.head.apply(_init_weights)
 
     def forward(self, input_ids: Tensor, padding_mask: Tensor | None = None) -> Tensor:
         return self.head(self.backbone(input_ids, padding_mask))
@@ -311,26 +344,6 @@ def sample(
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
-
-
-def build_model(
-    task: str,
-    attention: AttentionFactory,
-    vocab_size: int,
-    max_len: int,
-    num_classes: int = 2,
-    pooling: str = "mean",
-    tie_embeddings: bool = True,
-    **backbone: Any,
-) -> SequenceClassifier | LanguageModel:
-    """Build the model for ``task`` (``classification | lm``) from the model config."""
-    if task == "classification":
-        bb = Backbone(vocab_size, attention, max_len=max_len, causal=False, **backbone)
-        return SequenceClassifier(bb, num_classes, pooling)
-    if task == "lm":
-        bb = Backbone(vocab_size, attention, max_len=max_len, causal=True, **backbone)
-        return LanguageModel(bb, vocab_size, tie_embeddings)
-    raise ValueError(f"task kind {task!r} is not one of ['classification', 'lm'].")
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:

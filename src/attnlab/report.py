@@ -185,6 +185,7 @@ def load_run(run_dir: Path) -> dict[str, Any]:
         "n_heads": summary.get("n_heads", config.get(HEADS_KEY)),
         "head_dim": summary.get("head_dim"),
         "monitor": str(summary.get("monitor", task.get("monitor", "val/?"))),
+        "monitor_mode": str(task.get("monitor_mode", "max")),
     }
     status = str(summary.get("status") or "unknown")
     if not summary:
@@ -375,12 +376,34 @@ def _one(rs: list[dict[str, Any]], name: str) -> str:
     return "/".join(_fmt(v) for v in vals)
 
 
-def table(section: Section) -> str:
-    """Markdown table, one row per configuration (seeds aggregated)."""
+def first_step(curve: pd.DataFrame | None, reach: float, higher: bool = True) -> float:
+    """The first validated step whose value reaches ``reach`` (``>=``, or ``<=`` when lower is
+    better); NaN when no validation did."""
+    if curve is None or curve.empty:
+        return math.nan
+    hit = curve[curve["value"] >= reach] if higher else curve[curve["value"] <= reach]
+    return float(hit["step"].min()) if len(hit) else math.nan
+
+
+def _reach_cell(rs: list[dict[str, Any]], reach: float) -> str:
+    """``first step`` per seed (``-`` where a seed never reached it), e.g. ``750, -``."""
+    cells = []
+    for r in sorted(rs, key=lambda r: _sort_value(r.get("seed"))):
+        higher = r.get("monitor_mode", "max") != "min"
+        step = first_step(r.get("curve"), reach, higher)
+        cells.append("-" if math.isnan(step) else f"{int(step) + 1:,}")  # steps done
+    return ", ".join(cells)
+
+
+def table(section: Section, reach: float | None = None) -> str:
+    """Markdown table, one row per configuration (seeds aggregated). With ``reach``, a column
+    gives the number of steps after which validation first reached it, per seed."""
     metrics = sorted({r["metric"] for r in section.runs})
     metric = metrics[0] if len(metrics) == 1 else "(task.monitor)"
     built = _as_built(section)
     head = [*section.keys, *built, "seeds", "params", f"best val/{metric}", f"test/{metric}"]
+    if reach is not None:
+        head.append(f"steps to val/{metric} {reach:g}")
     head += ["train tokens/s", "peak mem (MiB)", "wall time (s)"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for key, rs in section.sorted_rows():
@@ -388,6 +411,8 @@ def table(section: Section) -> str:
         cells = [_fmt(v) for v in key] + [_one(rs, c) for c in built]
         cells += [seeds_cell(rs), f"{int(np.mean(params)):,}" if params else "n/a"]
         cells += [_mean_std(_seed_values(rs, k)) for k in ("best_val", "test")]
+        if reach is not None:
+            cells.append(_reach_cell(rs, reach))
         cells += [_mean_std(_seed_values(rs, k), 0) for k in ("tokens_per_sec", "peak_mem_mb")]
         cells += [_mean_std(_seed_values(rs, "wall_time_s"), 0)]
         lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
@@ -534,8 +559,11 @@ def failed_table(runs: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def report(paths: Sequence[str | Path], out: str | Path | None = None) -> str:
+def report(
+    paths: Sequence[str | Path], out: str | Path | None = None, reach: float | None = None
+) -> str:
     """Build the report for ``paths``; write report.md and PNGs into ``out``; return the text.
+    ``reach``: add a column with the step at which validation first reached this value.
 
     Raises:
         FileNotFoundError: a PATH does not exist, or no run directory was found under them.
@@ -552,7 +580,7 @@ def report(paths: Sequence[str | Path], out: str | Path | None = None) -> str:
     parts = [f"# attnlab report\n\n{len(runs)} runs from: {', '.join(map(str, paths))}\n"]
     for section in group_runs(runs):
         stem = f"{section.study}_{section.task}".replace("/", "_")
-        parts.append(f"## {section.title}\n\n{describe(section)}\n\n{table(section)}\n")
+        parts.append(f"## {section.title}\n\n{describe(section)}\n\n{table(section, reach)}\n")
         png = plot_curves(section, out_dir / f"{stem}_val_curves.png")
         parts.append(f"![validation curves]({png.name})\n")
         heads = plot_heads(section, out_dir / f"{stem}_vs_heads.png")
@@ -571,8 +599,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="attnlab report", description=__doc__.split("\n")[0])
     ap.add_argument("paths", nargs="+", help="run dirs or multirun dirs (searched recursively)")
     ap.add_argument("--out", default=None, help="where report.md and PNGs go (default: PATH 1)")
+    ap.add_argument(
+        "--reach",
+        type=float,
+        default=None,
+        help="add a column: steps until validation first reached this value of the monitored "
+        "metric (e.g. 0.9 for accuracy; for bits per byte, the first value at or below it)",
+    )
     args = ap.parse_args(argv)
     try:
-        print(report(args.paths, args.out))
+        print(report(args.paths, args.out, args.reach))
     except FileNotFoundError as err:
         raise SystemExit(str(err)) from err

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from attnlab.legacy import upgrade_run_config
+
 log = logging.getLogger("attnlab")
 
 
@@ -100,6 +102,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
             f"{path} is not an attnlab checkpoint (no attnlab_config/state_dict): it was not "
             "written by `attnlab train`."
         )
+    ckpt["attnlab_config"] = upgrade_run_config(ckpt["attnlab_config"])  # older layouts
     return ckpt
 
 
@@ -118,6 +121,7 @@ CHANGEABLE = (
     "nonfinite",
     "threads",
     "logger.",
+    "callbacks.",
     "paths.",
     "task.data.num_workers",
     "task.data.eval_batch_size",

@@ -17,148 +17,37 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from hydra.utils import instantiate
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
-from omegaconf import DictConfig, OmegaConf, open_dict
-from torch import nn
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
 
-from attnlab.callbacks import ThroughputMonitor, peak_memory_mb
+from attnlab.build import (
+    build_callbacks,
+    build_loggers,
+    build_task,
+    build_trainer,
+    make_datamodule,
+    resolve_runtime,
+)
+from attnlab.callbacks import NonFiniteGuard, ThroughputMonitor, peak_memory_mb
+from attnlab.checks import check_config
 from attnlab.config import group_choice
-from attnlab.hardware import (
-    apply_threads,
-    device_type,
-    machine_info,
-    resolve_precision,
-    resolve_threads,
-)
-from attnlab.interrupts import (
-    Interrupted,
-    LastCheckpoint,
-    StopSignals,
-    finish_interrupted,
-    slurm_info,
-)
-from attnlab.models import build_model, count_parameters
-from attnlab.reliability import (
-    NONFINITE_FIXES,
-    AtomicCheckpointIO,
-    NonFiniteGuard,
-    RNGStateCallback,
-    check_config,
-    restore_metrics,
-)
+from attnlab.errors import NONFINITE_FIXES
+from attnlab.hardware import apply_threads
+from attnlab.interrupts import Interrupted, LastCheckpoint, StopSignals, finish_interrupted
+from attnlab.models import count_parameters
 from attnlab.resume import check_resume, resume_checkpoint
-from attnlab.tasks import TASKS, TaskModule
-from attnlab.tracking import build_loggers, finish_trackers
+from attnlab.tasks.base import TaskModule
+from attnlab.tracking import finish_trackers, restore_metrics
 
 log = logging.getLogger("attnlab")
 
-BACKBONE_KEYS = (
-    "d_model",
-    "n_layers",
-    "n_heads",
-    "norm",
-    "ffn",
-    "ffn_hidden",
-    "positions",
-    "prenorm",
-    "dropout",
-)
-
-
-def make_datamodule(cfg: DictConfig) -> pl.LightningDataModule:
-    """Instantiate ``cfg.task.data``; its constructor checks the settings and reads nothing.
-
-    Raises:
-        ValueError: a bad ``task.data.*`` value, as one line naming the key (Hydra's
-            multi-line instantiation error is unwrapped).
-    """
-    from hydra.errors import InstantiationException
-
-    try:
-        return instantiate(cfg.task.data)
-    except InstantiationException as err:
-        cause = err.__cause__ or err
-        if isinstance(cause, TypeError):  # an unknown or missing argument
-            raise ValueError(f"task.data: {cause}") from err
-        if isinstance(cause, ValueError | FileNotFoundError):
-            raise type(cause)(f"task.data: {cause}") from err
-        raise
-
-
-def build_datamodule(cfg: DictConfig) -> pl.LightningDataModule:
-    """Instantiate ``cfg.task.data`` and set it up for fitting (tokenizer, splits)."""
-    dm = make_datamodule(cfg)
-    dm.prepare_data()
-    dm.setup("fit")
-    return dm
-
-
-def build_network(cfg: DictConfig, vocab_size: int) -> nn.Module:
-    """The model for ``cfg.task.kind`` from ``cfg.model`` and ``cfg.attention``."""
-    m = cfg.model
-    model = build_model(
-        cfg.task.kind,
-        instantiate(cfg.attention),
-        vocab_size=vocab_size,
-        max_len=cfg.task.max_len,
-        num_classes=cfg.task.get("num_classes", 2),
-        pooling=m.get("pooling", "mean"),
-        tie_embeddings=m.get("tie_embeddings", True),
-        **{k: m[k] for k in BACKBONE_KEYS if k in m},
-    )
-    if m.get("compile"):  # in place: forward compiled lazily, state_dict keys unchanged
-        model.compile()
-    return model
-
-
-def build_task(cfg: DictConfig, model: nn.Module, vocab_size: int) -> TaskModule:
-    """Wrap ``model`` in the LightningModule for ``cfg.task.kind``."""
-    run_config = OmegaConf.to_container(cfg, resolve=True)
-    run_config["vocab_size"] = vocab_size
-    kwargs: dict[str, Any] = {
-        "optim": OmegaConf.to_container(cfg.optim, resolve=True),
-        "run_config": run_config,
-    }
-    if cfg.task.kind == "classification":
-        kwargs["num_classes"] = cfg.task.num_classes
-    return TASKS[cfg.task.kind](model, **kwargs)
-
-
-def resolve_runtime(cfg: DictConfig) -> dict[str, Any]:
-    """Resolve what the hardware decides, once, before anything is read (DESIGN.md, 14).
-
-    Sets ``cfg.trainer.precision`` to the precision that will run (``auto`` resolved) and
-    returns the record that goes into ``summary.json`` and the W&B config: ``precision``,
-    ``precision_reason``, ``threads``, ``threads_reason``, ``device``, ``hardware``, ``slurm``.
-
-    Raises:
-        ValueError: a GPU trainer without a GPU, an unknown precision, fp16 on the CPU, or bad
-            ``threads`` (see :mod:`attnlab.hardware`).
-    """
-    device = device_type(cfg.trainer.get("accelerator", "auto"))
-    precision = resolve_precision(cfg.trainer.get("precision", "auto"), device)
-    threads = resolve_threads(cfg.get("threads", "auto"), _processes_per_machine(cfg, device))
-    with open_dict(cfg):
-        cfg.trainer.precision = precision.value
-    return {
-        "device": device,
-        "precision": precision.value,
-        "precision_reason": precision.reason,
-        "threads": threads.value,
-        "threads_reason": threads.reason,
-        "hardware": machine_info(device),
-        "slurm": slurm_info(),
-    }
-
-
-def _processes_per_machine(cfg: DictConfig, device: str) -> int:
-    """CPU DDP runs one process per device on this machine; everything else one."""
-    devices = cfg.trainer.get("devices", 1)
-    strategy = str(cfg.trainer.get("strategy", "auto"))
-    if device == "cpu" and strategy.startswith("ddp") and isinstance(devices, int):
-        return max(1, devices)
-    return 1
+#: the callbacks a training run needs (``conf/callbacks/default.yaml``): the summary reads them
+REQUIRED_CALLBACKS = {
+    "model_checkpoint": ModelCheckpoint,
+    "throughput": ThroughputMonitor,
+    "nonfinite": NonFiniteGuard,
+    "last_checkpoint": LastCheckpoint,
+}
 
 
 def start_line(runtime: dict[str, Any]) -> str:
@@ -187,7 +76,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     start = time.perf_counter()
     check_config(cfg)
     runtime = resolve_runtime(cfg)
-    build_network(cfg, vocab_size=8)  # bad model/attention settings fail before data loading
+    build_task(cfg, vocab_size=8)  # bad model/attention/task/optim settings fail before data
     dm = make_datamodule(cfg)  # bad task.data.* values too (nothing is read yet)
     ckpt_path = resume_checkpoint(cfg)  # may move paths.run_dir (resume=<run dir>)
     if ckpt_path:
@@ -225,51 +114,19 @@ def _train(
     dm.prepare_data()
     dm.setup("fit")
     vocab_size = int(dm.vocab_size)
-    model = build_network(cfg, vocab_size)
-    params = count_parameters(model)
-    task = build_task(cfg, model, vocab_size)
-
+    task = build_task(cfg, vocab_size)
+    params = count_parameters(task.model)
+    callbacks = build_callbacks(cfg, run_dir, signals)
+    checkpoint, throughput, guard, last_ckpt = (
+        _required(callbacks, name, cls) for name, cls in REQUIRED_CALLBACKS.items()
+    )
     ckpt_dir = run_dir / "checkpoints"
-    # Fixed names (no -v1 copies): best.ckpt is replaced only by a better model (its score is
-    # part of the checkpointed callback state, so this holds across resumes); last.ckpt is
-    # written at every validation and by LastCheckpoint.
-    checkpoint = ModelCheckpoint(
-        dirpath=str(ckpt_dir),
-        filename="best",
-        monitor=cfg.task.monitor,
-        mode=cfg.task.monitor_mode,
-        save_top_k=1,
-        save_last=True,
-        enable_version_counter=False,
-    )
-    throughput = ThroughputMonitor(log_every=cfg.trainer.get("log_every_n_steps", 20))
-    max_steps = int(cfg.trainer.get("max_steps", -1) or -1)  # enforced by LastCheckpoint
-    last_ckpt = LastCheckpoint(
-        signals, ckpt_dir / "last.ckpt", cfg.get("checkpoint_every_n_steps"), max_steps
-    )
-    guard = NonFiniteGuard(cfg.get("nonfinite", "stop"))
-    callbacks = [
-        checkpoint,
-        throughput,
-        LearningRateMonitor(logging_interval="step"),
-        guard,
-        last_ckpt,
-        RNGStateCallback(),
-    ]
     pre_resume = run_dir / "metrics.pre-resume.csv"
     if ckpt_path and (run_dir / "metrics.csv").exists():
         restore_metrics(run_dir, pre_resume)  # left behind by a resumed run that crashed
         (run_dir / "metrics.csv").replace(pre_resume)  # CSVLogger would delete it
     loggers = build_loggers(cfg, run_dir, params, runtime)
-    trainer: pl.Trainer = instantiate(
-        cfg.trainer,
-        _target_="lightning.pytorch.Trainer",
-        callbacks=callbacks,
-        logger=loggers,
-        default_root_dir=str(run_dir),
-        plugins=_plugins(),
-        max_steps=-1,
-    )
+    trainer = build_trainer(cfg, list(callbacks.values()), loggers, run_dir)
     try:
         trainer.fit(task, datamodule=dm, ckpt_path=ckpt_path)
         validate_final(trainer, task, dm, checkpoint, last_ckpt)
@@ -374,15 +231,16 @@ def validate_final(
     trainer.save_checkpoint(last.path)
 
 
-def _plugins() -> list[Any]:
-    """Atomic checkpoint writes; under SLURM, Lightning's cluster environment without its own
-    auto-requeue (attnlab requeues itself: :mod:`attnlab.interrupts`)."""
-    from lightning.fabric.plugins.environments import SLURMEnvironment
-
-    plugins: list[Any] = [AtomicCheckpointIO()]
-    if SLURMEnvironment.detect():
-        plugins.append(SLURMEnvironment(auto_requeue=False))
-    return plugins
+def _required(callbacks: dict[str, pl.Callback], name: str, cls: type) -> Any:
+    """``callbacks[name]``, which must be a ``cls``: the run summary and resumes read it."""
+    cb = callbacks.get(name)
+    if not isinstance(cb, cls):
+        raise ValueError(
+            f"callbacks.{name} must be a {cls.__module__}.{cls.__name__} (got "
+            f"{type(cb).__name__ if cb is not None else 'nothing'}): attnlab's run summary and "
+            "exact resumes read it; keep it in conf/callbacks/default.yaml."
+        )
+    return cb
 
 
 def format_summary(s: dict[str, Any]) -> str:

@@ -24,7 +24,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from attnlab.models import LanguageModel, build_model, sample
+from attnlab.models import Backbone, LanguageModel, sample
 
 
 def build_lm(
@@ -32,18 +32,18 @@ def build_lm(
 ) -> LanguageModel:
     """The benchmark LM: modern block, RoPE where the variant has q·k, else learned positions."""
     torch.manual_seed(0)
-    model = build_model(
-        "lm",
+    backbone = Backbone(
+        g["vocab_size"],
         partial,
-        vocab_size=g["vocab_size"],
         max_len=max_len,
+        causal=True,
         d_model=g["d_model"],
         n_layers=g["n_layers"],
         n_heads=g["n_heads"],
         positions="rope" if uses_qk else "learned",
         dropout=0.0,
     )
-    return model.eval()
+    return LanguageModel(backbone, g["vocab_size"]).eval()
 
 
 @torch.no_grad()

@@ -1,13 +1,12 @@
 """End-to-end training throughput: Lightning against a plain PyTorch loop.
 
-Both sides train the same network (``attnlab.train.build_network`` from the default
-``conf/train.yaml`` + ``task=<task>`` config, same seed) on the same synthetic batches
-of the task's shape (``batch_size x max_len`` random token ids, no padding), with the
-same optimiser (``attnlab.optim.build_optimizer``), gradient clipping and precision.
-Lightning runs ``build_task`` in a ``Trainer`` with ``max_steps`` and no logger,
-checkpointing, progress bar or validation; the plain loop is forward, loss, backward,
-clip, step, schedule, zero_grad under ``torch.autocast`` when the precision is
-``bf16-mixed``. Tokens/s counts ``b x n`` tokens per step over the steps after ``warmup``.
+Both sides train the same task module (:func:`attnlab.build.build_task` from the default
+``conf/train.yaml`` + ``task=<task>`` config, same seed) on the same synthetic batches of the
+task's shape (:meth:`~attnlab.tasks.base.TaskModule.synthetic_batch`, ``batch_size x max_len``),
+with the same optimiser (``optim``), gradient clipping and precision. Lightning runs the task in
+a ``Trainer`` with ``max_steps`` and no logger, checkpointing, progress bar or validation; the
+plain loop is the task's own loss (:meth:`~attnlab.tasks.base.TaskModule.loss`), backward, clip,
+step, schedule, zero_grad under ``torch.autocast`` when the precision is ``bf16-mixed``. Tokens/s counts ``b x n`` tokens per step over the steps after ``warmup``.
 """
 
 from __future__ import annotations
@@ -19,16 +18,14 @@ from collections.abc import Callable, Sequence
 
 import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from omegaconf import DictConfig, OmegaConf, open_dict
-from torch import Tensor, nn
+from omegaconf import DictConfig, open_dict
+from torch import Tensor
 
+from attnlab.build import build_task
 from attnlab.config import register_resolvers
-from attnlab.optim import build_optimizer
 from attnlab.paths import CONF_DIR
-from attnlab.train import build_network, build_task
 
 
 def compose_cfg(config_name: str, overrides: Sequence[str]) -> DictConfig:
@@ -50,31 +47,12 @@ def train_cfg(task: str, *overrides: str) -> DictConfig:
 
 
 def synthetic_batches(cfg: DictConfig, vocab: int, steps: int) -> list[dict[str, Tensor]]:
-    """``steps`` random batches shaped like the task's (``batch_size x max_len``)."""
+    """``steps`` random batches shaped like the task's (``batch_size x max_len``), made by the
+    task class itself (:meth:`~attnlab.tasks.base.TaskModule.synthetic_batch`)."""
     g = torch.Generator().manual_seed(0)
     b, n = int(cfg.task.data.batch_size), int(cfg.task.max_len)
-    out = []
-    for _ in range(steps):
-        ids = torch.randint(1, vocab, (b, n), generator=g)
-        if cfg.task.kind == "lm":
-            out.append({"input_ids": ids, "targets": torch.randint(0, vocab, (b, n), generator=g)})
-        else:
-            out.append(
-                {
-                    "input_ids": ids,
-                    "padding_mask": torch.ones(b, n, dtype=torch.bool),
-                    "labels": torch.randint(0, cfg.task.num_classes, (b,), generator=g),
-                }
-            )
-    return out
-
-
-def _loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-    if "targets" in batch:  # the LanguageModelTask / ClassificationTask losses
-        logits = model(batch["input_ids"])
-        return F.cross_entropy(logits.flatten(0, 1).float(), batch["targets"].flatten())
-    logits = model(batch["input_ids"], batch["padding_mask"])
-    return F.cross_entropy(logits.float(), batch["labels"])
+    task = build_task(cfg, vocab)
+    return [task.synthetic_batch(b, n, vocab, g) for _ in range(steps)]
 
 
 class _Clock(pl.Callback):
@@ -93,8 +71,7 @@ class _Clock(pl.Callback):
 def lightning_run(cfg: DictConfig, vocab: int, batches: list, warmup: int, precision: str) -> dict:
     """Tokens/s of ``Trainer.fit`` on ``batches``; also the step losses."""
     torch.manual_seed(cfg.seed)
-    model = build_network(cfg, vocab)
-    task = build_task(cfg, model, vocab)
+    task = build_task(cfg, vocab)
     clock = _Clock(warmup)
     trainer = pl.Trainer(
         accelerator="cpu",
@@ -123,9 +100,9 @@ def lightning_run(cfg: DictConfig, vocab: int, batches: list, warmup: int, preci
 def plain_run(cfg: DictConfig, vocab: int, batches: list, warmup: int, precision: str) -> dict:
     """Tokens/s of a minimal PyTorch loop on ``batches`` (same model, optimiser, clipping)."""
     torch.manual_seed(cfg.seed)
-    model = build_network(cfg, vocab).train()
-    optim = OmegaConf.to_container(cfg.optim, resolve=True)
-    opt, sched = build_optimizer(model, total_steps=len(batches), **optim)
+    task = build_task(cfg, vocab).train()
+    model = task.model
+    opt, sched = task.optimizer_factory(model, total_steps=len(batches))
     clip = cfg.trainer.get("gradient_clip_val")
     autocast = (
         torch.autocast("cpu", dtype=torch.bfloat16)
@@ -137,7 +114,7 @@ def plain_run(cfg: DictConfig, vocab: int, batches: list, warmup: int, precision
         if i == warmup:
             t0 = time.perf_counter()
         with autocast:
-            loss = _loss(model, batch)
+            loss = task.loss(batch)
         loss.backward()
         if clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
@@ -210,6 +187,7 @@ def compile_check(t: dict, eager: dict, log: Callable[[str], None] = print) -> d
     the first ``warmup`` steps (which include compilation), against ``eager`` (the same
     model's uncompiled Lightning run from :func:`overhead`, when it ran)."""
     out = {}
+    default_attention = train_cfg("enwik8", *t["overrides"]).attention  # what `eager` ran
     for name in t["compile_variants"]:
         probe = train_cfg("enwik8", f"attention={name}", *t["overrides"])
         pos = "rope" if _uses_qk(probe) else "learned"
@@ -223,7 +201,7 @@ def compile_check(t: dict, eager: dict, log: Callable[[str], None] = print) -> d
             res = {"tokens_per_s": r["tokens_per_s"], "first_steps_s": r["first_steps_s"]}
         except Exception as err:  # noqa: BLE001 - recorded as a failure
             res = {"error": f"{type(err).__name__}: {str(err)[:500]}"}
-        if name == "softmax" and "enwik8" in eager:
+        if probe.attention == default_attention and "enwik8" in eager:
             res["eager_tokens_per_s"] = eager["enwik8"]["lightning_tokens_per_s"]
         out[name] = res
         log(f"  compile {name}: {res}")

@@ -320,6 +320,12 @@ class Enwik8DataModule(pl.LightningDataModule):
             generator=loader_generator(self.seed),
         )
 
+    def example_for_maps(self, text: str) -> tuple[list[int], list[str]]:
+        """``attnlab analyze``'s attention-map input: the UTF-8 bytes of ``text`` (the last
+        ``context``), and a printable label per byte."""
+        raw = text.encode("utf-8")[-self.context :]
+        return list(raw), [chr(b) if 32 < b < 127 else repr(chr(b))[1:-1] for b in raw]
+
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("val")
 

@@ -341,6 +341,12 @@ class IMDbDataModule(pl.LightningDataModule):
         self._prepare_tokenizer()
         return [a.tolist() for a in self._encode_ids(list(texts))]
 
+    def example_for_maps(self, text: str) -> tuple[list[int], list[str]]:
+        """``attnlab analyze``'s attention-map input: ``(token ids, a label per token)``."""
+        self._prepare_tokenizer()
+        ids = self.encode([text])[0]
+        return ids, [self.tokenizer.id_to_token(i) or str(i) for i in ids]
+
     # ------------------------------------------------------------------ loaders
     def train_dataloader(self) -> DataLoader:
         ds = self._dataset("train")

@@ -1,42 +1,92 @@
-"""Thin LightningModules, one per task (DESIGN.md, convention 6).
+"""The task contract: a LightningModule that adds its head to a backbone (DESIGN.md, 6).
 
-A task takes a built model and the optimiser settings, owns its torchmetrics
-objects per split, and logs ``train/loss``, ``val/loss``, ``val/acc`` or
-``val/bpb``, ``test/...``. It knows nothing about which attention variant runs.
+A task is a component, like an attention variant: ``conf/task/<name>.yaml`` names its data
+module (``task.data._target_``) and its task class (``task.module._target_``), and
+:func:`attnlab.build.build_task` builds ``backbone -> task`` from them with no task-kind switch.
+A task class
+
+- says whether it needs a causal backbone (:attr:`TaskModule.causal`);
+- builds its model around the backbone (a classifier head, an LM head) in ``__init__``;
+- owns its loss (:meth:`TaskModule.loss`), its torchmetrics objects per split and what it logs
+  (``train/loss``, ``val/loss``, ``val/<metric>``, ``test/...``);
+- makes a synthetic batch of its shape for benchmarks (:meth:`TaskModule.synthetic_batch`);
+- scores a batch for ``attnlab analyze`` (:meth:`TaskModule.score`, summed over examples).
+
+It knows nothing about which attention variant runs.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from functools import partial
+from typing import Any, ClassVar
 
 import lightning.pytorch as pl
-import torch.nn.functional as F
+import torch
 from torch import Tensor, nn
-from torchmetrics.classification import MulticlassAccuracy
 
-from attnlab.metrics import BitsPerByte
 from attnlab.optim import build_optimizer
+
+#: ``optimizer(model, total_steps=...) -> (optimizer, lr scheduler)``: ``conf/optim/*.yaml``
+#: instantiated (``_partial_: true``), e.g. :func:`attnlab.optim.build_optimizer` with its settings.
+OptimizerFactory = Callable[..., tuple[torch.optim.Optimizer, Any]]
 
 SPLITS = ("train", "val", "test")
 
 
 class TaskModule(pl.LightningModule):
-    """Shared optimiser/scheduler wiring and config-in-checkpoint.
+    """Shared optimiser/scheduler wiring and config-in-checkpoint; the base of every task.
+
+    Subclasses take ``(backbone, vocab_size, optim, run_config=None, **their options)``, build
+    ``model`` around the backbone and pass it here.
 
     Args:
-        model: a built :class:`~attnlab.models.SequenceClassifier` or
-            :class:`~attnlab.models.LanguageModel`.
-        optim: keyword arguments of :func:`attnlab.optim.build_optimizer`
-            (lr, weight_decay, betas, warmup_steps, min_lr_ratio).
+        model: the task's network (backbone + head), e.g. a
+            :class:`~attnlab.models.SequenceClassifier` or :class:`~attnlab.models.LanguageModel`.
+        optim: an optimiser factory (``conf/optim/*.yaml``, a ``functools.partial`` of
+            :func:`attnlab.optim.build_optimizer` or of another function with the same call), or
+            a dict of :func:`~attnlab.optim.build_optimizer`'s keyword arguments.
         run_config: the resolved run config, stored in every checkpoint so
-            ``attnlab evaluate``/``generate`` can rebuild the model.
+            ``attnlab evaluate``/``generate``/``analyze`` can rebuild the model.
     """
 
-    def __init__(self, model: nn.Module, optim: dict[str, Any], run_config: dict | None = None):
+    #: the backbone this task needs: causal (language modelling, recall) or bidirectional
+    causal: ClassVar[bool] = False
+    #: the metric logged as ``<split>/<metric>`` and scored by :meth:`score`, and its unit
+    metric: ClassVar[str] = "loss"
+    metric_unit: ClassVar[str] = "nats"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optim: OptimizerFactory | dict[str, Any],
+        run_config: dict | None = None,
+    ):
         super().__init__()
         self.model = model
-        self.optim = dict(optim)
+        factory = optim if callable(optim) else partial(build_optimizer, **dict(optim))
+        self.optimizer_factory = factory
+        #: the optimiser settings (lr, betas, weight_decay, ...), re-applied on resume
+        self.optim = dict(getattr(factory, "keywords", {}))
         self.run_config = run_config or {}
+
+    # ---------------------------------------------------------------- the task contract
+    def loss(self, batch: dict[str, Tensor]) -> Tensor:
+        """The training loss of ``batch`` (a scalar, mean over its scored positions)."""
+        raise NotImplementedError
+
+    def synthetic_batch(
+        self, batch_size: int, seq_len: int, vocab_size: int, generator: torch.Generator
+    ) -> dict[str, Tensor]:
+        """A random batch of this task's shape (``batch_size x seq_len``) for benchmarks."""
+        raise NotImplementedError
+
+    def score(self, batch: dict[str, Tensor]) -> tuple[float, float]:
+        """``(sum, count)`` of :attr:`metric` over ``batch``; the metric is ``sum / count``.
+
+        Used by ``attnlab analyze`` (head importance) on any model, head-masked or not.
+        """
+        raise NotImplementedError
 
     def forward(self, *args: Any, **kwargs: Any) -> Tensor:
         return self.model(*args, **kwargs)
@@ -52,7 +102,7 @@ class TaskModule(pl.LightningModule):
                 "learning-rate schedule has no length; set one of them."
             )
         total = int(total)
-        opt, sched = build_optimizer(self.model, total_steps=total, **self.optim)
+        opt, sched = self.optimizer_factory(self.model, total_steps=total)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_train_start(self) -> None:
@@ -94,99 +144,6 @@ class TaskModule(pl.LightningModule):
             batch_size=batch_size,
             sync_dist=split != "train",
         )
-
-
-class ClassificationTask(TaskModule):
-    """Cross-entropy over class logits; accuracy per split (torchmetrics).
-
-    Batches: ``input_ids (b, n)``, ``padding_mask (b, n)`` bool, ``labels (b,)``.
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        optim: dict[str, Any],
-        run_config: dict | None = None,
-        num_classes: int = 2,
-    ):
-        super().__init__(model, optim, run_config)
-        # keys are "<split>_acc": a ModuleDict key "train" would clash with nn.Module.train
-        self.acc = nn.ModuleDict(
-            {f"{s}_acc": MulticlassAccuracy(num_classes, average="micro") for s in SPLITS}
-        )
-        # checkpointed: a run resumed mid-epoch reports the whole epoch's training accuracy
-        self.acc["train_acc"].persistent(True)
-
-    def _step(self, batch: dict[str, Tensor], split: str) -> Tensor:
-        logits = self.model(batch["input_ids"], batch["padding_mask"])
-        loss = F.cross_entropy(logits.float(), batch["labels"])
-        n = batch["labels"].shape[0]
-        self._log_loss(split, loss, n)
-        acc = self.acc[f"{split}_acc"]
-        acc(logits.argmax(-1), batch["labels"])
-        self.log(
-            f"{split}/acc",
-            acc,
-            on_step=False,
-            on_epoch=True,
-            prog_bar=split != "train",
-            batch_size=n,
-        )
-        return loss
-
-    def on_train_epoch_start(self) -> None:
-        # not called when resuming mid-epoch, where the restored partial state must be kept; a
-        # checkpoint from an epoch's end still holds that epoch's counts, so clear them here
-        self.acc["train_acc"].reset()
-
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        return self._step(batch, "train")
-
-    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        self._step(batch, "val")
-
-    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        self._step(batch, "test")
-
-
-class LanguageModelTask(TaskModule):
-    """Next-byte cross-entropy; bits per byte on val/test (every scored byte once).
-
-    Training batches: ``input_ids (b, n)``, ``targets (b, n)``. Evaluation batches
-    add ``loss_mask (b, n)`` marking the target positions to score (sliding window).
-    ``val/loss`` is in nats per byte; ``val/bpb`` = nats / ln 2.
-    """
-
-    def __init__(self, model: nn.Module, optim: dict[str, Any], run_config: dict | None = None):
-        super().__init__(model, optim, run_config)
-        self.bpb = nn.ModuleDict({f"{s}_bpb": BitsPerByte() for s in ("val", "test")})
-
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        logits = self.model(batch["input_ids"])
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), batch["targets"].flatten())
-        self._log_loss("train", loss, batch["targets"].numel())
-        return loss
-
-    def _eval_step(self, batch: dict[str, Tensor], split: str) -> None:
-        logits = self.model(batch["input_ids"])
-        nats = F.cross_entropy(
-            logits.flatten(0, 1).float(), batch["targets"].flatten(), reduction="none"
-        )
-        mask = batch["loss_mask"].flatten()
-        scored = nats[mask]
-        bpb = self.bpb[f"{split}_bpb"]
-        bpb.update(scored)
-        self._log_loss(split, scored.mean(), int(mask.sum()))
-        self.log(f"{split}/bpb", bpb, on_step=False, on_epoch=True, prog_bar=True)
-
-    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, "val")
-
-    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, "test")
-
-
-TASKS: dict[str, type[TaskModule]] = {"classification": ClassificationTask, "lm": LanguageModelTask}
 
 
 def fill_metric_states(module: nn.Module, state_dict: dict[str, Any]) -> None:
