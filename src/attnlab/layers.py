@@ -14,20 +14,26 @@ from torch.nn import functional as F
 
 
 class _RMSNormFunction(torch.autograd.Function):
-    """``x * rsqrt(mean(x², -1) + eps) * w`` with a hand-written backward.
+    """``y = x * r * w`` with ``r = rsqrt(mean(x², -1) + eps)``, and a hand-written backward.
 
     torch's CPU ``rms_norm`` is a composite of pow/mean/add/rsqrt/mul (and as many ops again in
-    autograd's backward); this does the sum of squares in one reduction (``x @ x`` per row via
-    ``linalg.vector_norm``) and the backward in a few passes, saving only ``x`` and ``rstd``.
+    autograd's backward), each reading and writing a ``(..., D)`` tensor. Here the sum of squares
+    is one reduction (``linalg.vector_norm``), and the backward needs one ``(M, D)`` buffer
+    (``M`` rows): with ``t = g * x``,
+
+    - ``dL/dw = sum_i r_i t_i`` and ``u = t @ w`` are matrix-vector products;
+    - ``dL/dx = r g w - x r³ u / D`` is written over ``t``.
+
+    Saves ``x``, ``w`` and ``r`` (``(..., 1)``, float32).
     """
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor, eps: float) -> Tensor:
         d = x.shape[-1]
-        sq = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32).square_()
-        rstd = sq.div_(d).add_(eps).rsqrt_()  # (..., 1), float32
-        out = x * rstd.to(x.dtype)
-        out.mul_(weight.to(x.dtype))
+        sq = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_()
+        rstd = sq.div_(d).add_(eps).rsqrt_()  # (..., 1)
+        out = x * rstd
+        out.mul_(weight)
         ctx.save_for_backward(x, weight, rstd)
         return out
 
@@ -35,17 +41,15 @@ class _RMSNormFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
         x, weight, rstd = ctx.saved_tensors
-        r = rstd.to(x.dtype)
-        xhat = x * r  # (..., D)
-        grad_w = None
-        if ctx.needs_input_grad[1]:
-            grad_w = (grad * xhat).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
+        d = x.shape[-1]
+        g2, x2, r = grad.reshape(-1, d), x.reshape(-1, d), rstd.reshape(-1, 1)  # (M, D), (M, 1)
+        t = g2 * x2  # (M, D)
+        grad_w = (r.T @ t).reshape(d) if ctx.needs_input_grad[1] else None
         grad_x = None
         if ctx.needs_input_grad[0]:
-            gx = grad * weight.to(grad.dtype)  # dL/dxhat
-            dot = (gx * xhat).mean(-1, keepdim=True)  # (..., 1)
-            # dL/dx = rstd * (dL/dxhat - xhat * mean(dL/dxhat * xhat))
-            grad_x = gx.sub_(xhat.mul_(dot)).mul_(r)
+            c = (t @ weight).unsqueeze(-1).mul_(r.pow(3)).div_(d)  # r³ u / D, (M, 1)
+            grad_x = torch.mul(g2, weight, out=t).mul_(r).addcmul_(x2, c, value=-1.0)
+            grad_x = grad_x.reshape(x.shape)
         return grad_x, grad_w, None
 
 
@@ -121,7 +125,7 @@ class _SwiGLUGate(torch.autograd.Function):
 
     Autograd's version saves ``silu(a)`` besides ``a`` and ``b`` and ends its backward with a
     ``cat`` of the two halves' gradients (the backward of ``chunk``); this saves only ``ab`` and
-    writes both gradients into one ``(..., 2H)`` buffer.
+    writes both gradients, in place, into one ``(..., 2H)`` buffer.
     """
 
     @staticmethod
@@ -137,9 +141,9 @@ class _SwiGLUGate(torch.autograd.Function):
         a, b = ab.chunk(2, dim=-1)
         out = torch.empty_like(ab)
         grad_a, grad_b = out.chunk(2, dim=-1)
-        silu = F.silu(a)
-        torch.mul(grad, silu, out=grad_b)  # d/db = g * silu(a)
-        torch.ops.aten.silu_backward.grad_input(grad * b, a, grad_input=grad_a)  # d/da
+        torch.mul(grad, b, out=grad_a)  # g * b, then d silu(a)/da in place: d/da
+        torch.ops.aten.silu_backward.grad_input(grad_a, a, grad_input=grad_a)
+        torch.ops.aten.silu.out(a, out=grad_b).mul_(grad)  # d/db = g * silu(a)
         return out
 
 
