@@ -32,6 +32,10 @@ TINY = [
     "bench.training.rounds=1",
     "bench.training.bf16_variants=[linear]",
     "bench.training.compile_variants=[]",
+    "bench.blocks.shapes=[{layers:1,heads:2,d_model:32,context:16,batch:2}]",
+    "bench.blocks.steps=1",
+    "bench.blocks.warmup=1",
+    "bench.blocks.rounds=2",
 ]
 
 
@@ -55,7 +59,7 @@ def test_bench_command_writes_json_and_plots(tmp_path):
     } <= names
     assert ("naive_linear", False) not in names  # the masked quadratic reference is causal only
     ok = [r for r in res["attention"] if r["status"] == "ok"]
-    assert ok and all(r["time_s"] > 0 and r["mem_mb"] is not None for r in ok)
+    assert ok and all(r["time_s"] > 0 and isinstance(r["mem_mb"], float) for r in ok)
     assert set(res["generation"]) == {
         "softmax_step",
         "softmax_recompute",
@@ -71,6 +75,9 @@ def test_bench_command_writes_json_and_plots(tmp_path):
     assert res["machine"]["cpu_capability"] == cpu_capability() and res["machine"]["cpu"]
     assert res["bf16_mixed"]["linear/enwik8"]["ok"] and res["bf16_mixed"]["linear/imdb"]["ok"]
     assert all(e["allclose_1e-5"] for e in res["linear_chunks"]["error_vs_naive"].values())
+    assert {"reference", "modern", "nanogpt_like"} == set(res["blocks"][0]["rows"])
+    assert res["blocks_machine"]["cpu"] and res["blocks_machine"]["dtype"] == "float32"
+    assert "spawned process" in res["memory_measured_in"]
     for png in ("attention_causal.png", "attention_noncausal.png", "generation.png"):
         assert (out / png).stat().st_size > 1000
 

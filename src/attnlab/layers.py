@@ -9,56 +9,186 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
 
+class _RMSNormFunction(torch.autograd.Function):
+    """``y = x * r * w`` with ``r = rsqrt(mean(x², -1) + eps)``, and a hand-written backward.
+
+    torch's CPU ``rms_norm`` is a composite of pow/mean/add/rsqrt/mul (and as many ops again in
+    autograd's backward), each reading and writing a ``(..., D)`` tensor. Here the sum of squares
+    is one reduction (``linalg.vector_norm``), and the backward needs one ``(M, D)`` buffer
+    (``M`` rows): with ``t = g * x``,
+
+    - ``dL/dw = sum_i r_i t_i`` and ``u = t @ w`` are matrix-vector products;
+    - ``dL/dx = r g w - x r³ u / D`` is written over ``t``.
+
+    Saves ``x``, ``w`` and ``r`` (``(..., 1)``, float32).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, eps: float) -> Tensor:
+        d = x.shape[-1]
+        sq = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_()
+        rstd = sq.div_(d).add_(eps).rsqrt_()  # (..., 1)
+        out = x * rstd
+        out.mul_(weight)
+        ctx.save_for_backward(x, weight, rstd)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+        x, weight, rstd = ctx.saved_tensors
+        d = x.shape[-1]
+        g2, x2, r = grad.reshape(-1, d), x.reshape(-1, d), rstd.reshape(-1, 1)  # (M, D), (M, 1)
+        t = g2 * x2  # (M, D)
+        grad_w = (r.T @ t).reshape(d) if ctx.needs_input_grad[1] else None
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            c = (t @ weight).unsqueeze(-1).mul_(r.pow(3)).div_(d)  # r³ u / D, (M, 1)
+            grad_x = torch.mul(g2, weight, out=t).mul_(r).addcmul_(x2, c, value=-1.0)
+            grad_x = grad_x.reshape(x.shape)
+        return grad_x, grad_w, None
+
+
 class RMSNorm(nn.RMSNorm):
-    """Root-mean-square norm (Zhang & Sennrich 2019, eq. 4): ``x / rms(x) * g``."""
+    """Root-mean-square norm (Zhang & Sennrich 2019, eq. 4): ``x / rms(x) * g``.
+
+    ``(..., D) -> (..., D)``; ``rms(x) = sqrt(mean(x², -1) + eps)``. Same parameters and
+    results (fp32, to ~1e-7) as ``nn.RMSNorm`` (which it subclasses, so weight-decay grouping
+    sees it as a norm), computed by :class:`_RMSNormFunction` on the CPU in eager mode; under
+    ``torch.compile``, on CUDA and under autocast it is ``nn.RMSNorm``'s own path (Inductor fuses
+    it; CUDA has a fused kernel).
+    """
 
     def __init__(self, d_model: int, eps: float = 1e-6) -> None:
         super().__init__(d_model, eps=eps)
 
+    def forward(self, x: Tensor) -> Tensor:
+        if (
+            x.device.type != "cpu"
+            or self.weight is None
+            or x.dtype != torch.float32
+            or torch.compiler.is_compiling()
+        ):
+            return super().forward(x)
+        return _RMSNormFunction.apply(x, self.weight, self.eps)
+
+
+def _activation(name: str) -> Any:
+    options = {"relu": F.relu, "gelu": F.gelu}
+    if name not in options:
+        raise ValueError(f"FFN activation {name!r} is not one of {sorted(options)}.")
+    return options[name]
+
 
 class FeedForward(nn.Module):
-    """Position-wise ReLU MLP ``D -> hidden -> D`` (Vaswani et al. 2017, eq. 2); hidden = 4·D."""
+    """Position-wise MLP ``D -> hidden -> D`` (Vaswani et al. 2017, eq. 2); hidden = 4·D.
+
+    ``activation``: ``relu`` (Vaswani) or ``gelu`` (GPT-2 / nanoGPT, exact erf form).
+    ``bias``: biases on both linear layers (True, as before; nanoGPT uses False).
+    """
 
     def __init__(
-        self, d_model: int, hidden: int | None = None, dropout: float = 0.0, bias: bool = True
+        self,
+        d_model: int,
+        hidden: int | None = None,
+        dropout: float = 0.0,
+        bias: bool = True,
+        activation: str = "relu",
     ) -> None:
         super().__init__()
         hidden = hidden or 4 * d_model
+        self.act = _activation(activation)
         self.up = nn.Linear(d_model, hidden, bias=bias)
         self.down = nn.Linear(hidden, d_model, bias=bias)
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
         """``(b, n, D) -> (b, n, D)``."""
-        return self.down(self.drop(F.relu(self.up(x))))
+        return self.down(self.drop(self.act(self.up(x))))
+
+
+class GELUFeedForward(FeedForward):
+    """:class:`FeedForward` with GELU (GPT-2, nanoGPT ``MLP``): ``model.ffn=gelu``."""
+
+    def __init__(
+        self, d_model: int, hidden: int | None = None, dropout: float = 0.0, bias: bool = True
+    ) -> None:
+        super().__init__(d_model, hidden, dropout, bias, activation="gelu")
+
+
+class _SwiGLUGate(torch.autograd.Function):
+    """``silu(a) * b`` for ``ab = [a | b]`` (``(..., 2H) -> (..., H)``), one autograd node.
+
+    Autograd's version saves ``silu(a)`` besides ``a`` and ``b`` and ends its backward with a
+    ``cat`` of the two halves' gradients (the backward of ``chunk``); this saves only ``ab`` and
+    writes both gradients, in place, into one ``(..., 2H)`` buffer.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, ab: Tensor) -> Tensor:
+        a, b = ab.chunk(2, dim=-1)
+        ctx.save_for_backward(ab)
+        return F.silu(a).mul_(b)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        (ab,) = ctx.saved_tensors
+        a, b = ab.chunk(2, dim=-1)
+        out = torch.empty_like(ab)
+        grad_a, grad_b = out.chunk(2, dim=-1)
+        torch.mul(grad, b, out=grad_a)  # g * b, then d silu(a)/da in place: d/da
+        torch.ops.aten.silu_backward.grad_input(grad_a, a, grad_input=grad_a)
+        torch.ops.aten.silu.out(a, out=grad_b).mul_(grad)  # d/db = g * silu(a)
+        return out
+
+
+def swiglu_gate(ab: Tensor) -> Tensor:
+    """``silu(a) * b`` where ``ab: (..., 2H) = [a | b]`` -> ``(..., H)`` (Shazeer 2020, eq. 5).
+
+    On the CPU in eager mode a single autograd node (:class:`_SwiGLUGate`); elsewhere (CUDA,
+    ``torch.compile``) the plain expression, which the compiler fuses.
+    """
+    if ab.device.type != "cpu" or torch.compiler.is_compiling():
+        a, b = ab.chunk(2, dim=-1)
+        return F.silu(a) * b
+    return _SwiGLUGate.apply(ab)
 
 
 class SwiGLU(nn.Module):
     """Gated MLP ``W2 (silu(W1 x) * W3 x)`` (Shazeer 2020, "GLU Variants", eq. 5).
 
     ``hidden`` defaults to 8/3·D rounded up to a multiple of 8, which keeps the
-    parameter count equal to a 4·D ReLU MLP.
+    parameter count equal to a 4·D ReLU MLP. ``bias``: biases on the linear layers (False, as
+    in LLaMA and as before). ``W1`` and ``W3`` are one ``gate_up`` layer ``D -> 2·hidden``
+    (first half gate, second half up).
     """
 
-    def __init__(self, d_model: int, hidden: int | None = None, dropout: float = 0.0) -> None:
+    def __init__(
+        self, d_model: int, hidden: int | None = None, dropout: float = 0.0, bias: bool = False
+    ) -> None:
         super().__init__()
         hidden = hidden or 8 * ((8 * d_model // 3 + 7) // 8)
-        self.gate_up = nn.Linear(d_model, 2 * hidden, bias=False)
-        self.down = nn.Linear(hidden, d_model, bias=False)
+        self.gate_up = nn.Linear(d_model, 2 * hidden, bias=bias)
+        self.down = nn.Linear(hidden, d_model, bias=bias)
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
         """``(b, n, D) -> (b, n, D)``."""
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return self.down(self.drop(F.silu(gate) * up))
+        return self.down(self.drop(swiglu_gate(self.gate_up(x))))
 
 
 #: Enum-like choices for ``model.norm`` and ``model.ffn``.
 NORMS: dict[str, type[nn.Module]] = {"layernorm": nn.LayerNorm, "rmsnorm": RMSNorm}
-FEEDFORWARDS: dict[str, type[nn.Module]] = {"relu": FeedForward, "swiglu": SwiGLU}
+FEEDFORWARDS: dict[str, type[nn.Module]] = {
+    "relu": FeedForward,
+    "gelu": GELUFeedForward,
+    "swiglu": SwiGLU,
+}
 POSITIONS = ("learned", "rope", "none")
 
 
@@ -88,36 +218,101 @@ class LearnedPositions(nn.Module):
         return x + self.emb(torch.arange(offset, offset + n, device=x.device))
 
 
+def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate the pairs ``(x1, x2) = (x[..., :d/2], x[..., d/2:])`` of ``x: (..., n, d)`` by the
+    angles whose ``cos, sin: (n, d/2)`` are given: ``(x1 cos - x2 sin, x2 cos + x1 sin)``.
+
+    The same numbers as the "rotate half" formula ``x * [cos, cos] + [-x2, x1] * [sin, sin]``
+    (GPT-NeoX/LLaMA) without its ``neg``/``cat`` copies: in eager mode one autograd node
+    (:class:`_Rotate`) writes both halves into one output, and its backward is the rotation by
+    the opposite angles. Under ``torch.compile`` the plain expression, which Inductor fuses.
+    """
+    if torch.compiler.is_compiling():
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    return _Rotate.apply(x, cos, sin)
+
+
+def _rotate_into(out: Tensor, x: Tensor, cos: Tensor, sin: Tensor, sign: float) -> Tensor:
+    """``out = rotation of x`` by angle ``sign * theta`` (half-layout pairs), in 4 half-size ops."""
+    x1, x2 = x.chunk(2, dim=-1)
+    o1, o2 = out.chunk(2, dim=-1)
+    torch.mul(x1, cos, out=o1).addcmul_(x2, sin, value=-sign)  # x1 cos - sign x2 sin
+    torch.mul(x2, cos, out=o2).addcmul_(x1, sin, value=sign)  # x2 cos + sign x1 sin
+    return out
+
+
+class _Rotate(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        ctx.cos_sin = (cos, sin)  # constants: not saved tensors, so no version checks
+        return _rotate_into(torch.empty_like(x), x, cos, sin, 1.0)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        cos, sin = ctx.cos_sin
+        return _rotate_into(torch.empty_like(grad), grad, cos, sin, -1.0), None, None
+
+
 class RotaryEmbedding(nn.Module):
     """Rotary position embedding (Su et al. 2021, RoFormer, eq. 34), applied to q and k.
 
-    Rotates pairs ``(x[..., i], x[..., i + d/2])`` by angle ``pos * base^(-2i/d)``
+    Rotates pairs ``(x[..., i], x[..., i + d/2])`` by angle ``pos * theta^(-2i/d)``
     (the "rotate half" layout of GPT-NeoX/LLaMA). Works at any length.
+
+    Args:
+        head_dim: d, even.
+        theta: the base of the angle frequencies (``rope_theta``: 10000 in RoFormer and LLaMA 1/2,
+            500000 in LLaMA 3).
+        base: the former name of ``theta``, still accepted as a keyword.
+
+    ``cos``/``sin`` tables ``(n, d/2)`` are cached per device and dtype, grown on demand, and built
+    outside inference mode, so a forward under ``torch.inference_mode()`` does not leave
+    inference tensors behind for a later training forward.
     """
 
-    def __init__(self, head_dim: int, base: float = 10000.0) -> None:
+    def __init__(self, head_dim: int, theta: float = 10000.0, *, base: float | None = None) -> None:
         super().__init__()
         if head_dim % 2:
             raise ValueError(f"RoPE needs an even head_dim, got {head_dim}; change head_dim.")
-        inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        if base is not None:
+            theta = base
+        if not theta > 0:
+            raise ValueError(f"RoPE theta must be positive, got {theta!r}.")
+        self.head_dim, self.theta = head_dim, float(theta)
+        inv_freq = self.theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
-        self._cache: tuple[int, torch.device, Tensor, Tensor] | None = None
+        self._cache: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor]] = {}
 
-    def _cos_sin(self, length: int, device: torch.device) -> tuple[Tensor, Tensor]:
-        if self._cache is None or self._cache[0] < length or self._cache[1] != device:
-            t = torch.arange(max(length, 256), device=device, dtype=torch.float32)
-            freqs = torch.outer(t, self.inv_freq.to(device))  # (n, d/2)
-            emb = torch.cat([freqs, freqs], dim=-1)  # (n, d)
-            self._cache = (emb.shape[0], device, emb.cos(), emb.sin())
-        return self._cache[2], self._cache[3]
+    @property
+    def base(self) -> float:
+        """The former name of :attr:`theta`."""
+        return self.theta
+
+    def _apply(self, fn: Any, recurse: bool = True) -> RotaryEmbedding:
+        self._cache = {}  # .to()/.double()/...: tables are rebuilt from inv_freq on demand
+        return super()._apply(fn, recurse)
+
+    def cos_sin(
+        self, length: int, device: torch.device, dtype: torch.dtype
+    ) -> tuple[Tensor, Tensor]:
+        """``cos, sin: (>= length, d/2)`` of the angles ``pos * inv_freq`` (computed in fp32)."""
+        key = (torch.device(device), dtype)
+        hit = self._cache.get(key)
+        if hit is None or hit[0].shape[0] < length:
+            with torch.inference_mode(False), torch.no_grad():
+                t = torch.arange(max(length, 256), device=device, dtype=torch.float32)
+                freqs = torch.outer(t, self.inv_freq.to(device=device, dtype=torch.float32))
+                hit = (freqs.cos().to(dtype), freqs.sin().to(dtype))  # (n, d/2) each
+            self._cache[key] = hit
+        return hit
 
     def forward(self, x: Tensor, offset: int = 0) -> Tensor:
         """``x: (b, h, n, d)`` at positions ``offset .. offset+n-1`` -> rotated ``(b, h, n, d)``."""
         n = x.shape[-2]
-        cos, sin = self._cos_sin(offset + n, x.device)
-        cos, sin = cos[offset : offset + n].to(x.dtype), sin[offset : offset + n].to(x.dtype)
-        x1, x2 = x.chunk(2, dim=-1)
-        return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+        cos, sin = self.cos_sin(offset + n, x.device, x.dtype)
+        return rotate(x, cos[offset : offset + n], sin[offset : offset + n])
 
 
 class Block(nn.Module):

@@ -64,8 +64,9 @@ class Backbone(nn.Module):
             ``ffn(d_model, hidden, dropout) -> nn.Module``; ``ffn_hidden`` overrides its width.
         positions: ``learned | rope | none``. prenorm: pre-norm (modern) or post-norm (classic).
         dropout: on embeddings and residual branches (and in the FFN).
-        bias: biases in the attention projections (and the ReLU FFN); ``False`` as nanoGPT's
-            ``bias=False``. SwiGLU never has biases (Shazeer 2020).
+        bias: biases in the attention projections and the FFN: ``False`` as nanoGPT's
+            ``bias=False``, ``True`` everywhere, ``None`` each component's default (attention
+            projections and the ReLU/GELU MLP with biases, SwiGLU without, as in Shazeer 2020).
         norm_eps: the norms' epsilon (null: each norm's default, LayerNorm 1e-5, RMSNorm 1e-6). rope_theta: RoPE's base (Su et al. 2021, eq. 15: 10,000).
 
     Raises:
@@ -89,7 +90,7 @@ class Backbone(nn.Module):
         positions: str = "rope",
         prenorm: bool = True,
         dropout: float = 0.1,
-        bias: bool = True,
+        bias: bool | None = None,
         norm_eps: float | None = None,
         rope_theta: float = 10000.0,
     ) -> None:
@@ -117,7 +118,9 @@ class Backbone(nn.Module):
         base_ffn = choose("ffn", ffn, FEEDFORWARDS) if isinstance(ffn, str) else ffn
 
         norm_kw = {} if norm_eps is None else {"eps": norm_eps}
-        ffn_kw = {"bias": bias} if "bias" in inspect.signature(base_ffn).parameters else {}
+        takes_bias = "bias" in inspect.signature(base_ffn).parameters
+        ffn_kw = {"bias": bias} if bias is not None and takes_bias else {}
+        attn_kw = {"bias": bias} if bias is not None else {}
 
         def norm_cls(dim: int) -> nn.Module:
             return base_norm(dim, **norm_kw)
@@ -139,8 +142,8 @@ class Backbone(nn.Module):
                 causal=causal,
                 max_len=max_len,
                 rope=rope,
-                bias=bias,
                 rope_theta=rope_theta,
+                **attn_kw,
             )
             self._check_capabilities(attn, causal, rope)
             blocks.append(

@@ -187,7 +187,7 @@ class Attention(nn.Module):
         self.dropout, self.max_len = float(dropout), max_len
         self.bias, self.rope_theta = bool(bias), float(rope_theta)
         self.inner_dim = n_heads * self.head_dim
-        self.rotary = RotaryEmbedding(self.head_dim, base=self.rope_theta) if rope else None
+        self.rotary = RotaryEmbedding(self.head_dim, theta=self.rope_theta) if rope else None
         self.attn_drop = nn.Dropout(self.dropout)
         self.register_buffer("head_mask", torch.ones(n_heads), persistent=False)
 

@@ -8,7 +8,13 @@
    plus a ``chunk_size`` sweep of causal linear attention;
 2. :mod:`.generation` -- time per generated token against position;
 3. :mod:`.training` -- Lightning vs plain-loop tokens/s on the default models, bf16-mixed
-   on every variant, ``model.compile=true`` on ``compile_variants``.
+   on every variant, ``model.compile=true`` on ``compile_variants``;
+4. :mod:`.blocks` -- training tokens/s of attnlab's modern block and of a nanoGPT-like attnlab
+   block against a nanoGPT-equivalent reference, interleaved rounds, at ``bench.blocks.shapes``.
+
+``bench.parts`` picks which run (all by default); ``bench.parts=[blocks] bench.device=cuda``
+runs only the block comparison on a GPU (bf16 autocast, flash SDPA). CPU memory is measured in a
+process of its own (:class:`.kernels.MemoryProbe`), never in the one that times.
 
 It writes ``bench.json`` and PNG plots into ``bench.out_dir``, prints the table of
 targets (:func:`.report.format_targets`) and returns the results dict.
@@ -27,11 +33,12 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from attnlab.bench import generation, kernels, report, training
+from attnlab.bench import blocks, generation, kernels, report, training
 from attnlab.config import available
 from attnlab.hardware import machine_info, resolve_precision
 
 STEP_VARIANTS = ("softmax", "linear")  # generation: KV cache vs recurrent state
+PARTS = ("attention", "generation", "training", "blocks")
 
 
 def settings(cfg: DictConfig) -> dict[str, Any]:
@@ -40,7 +47,21 @@ def settings(cfg: DictConfig) -> dict[str, Any]:
     if b.get("quick"):
         for section, over in OmegaConf.to_container(cfg.quick, resolve=True).items():
             b[section].update(over)
+    if b["device"] == "cuda" and b.get("blocks", {}).get("cuda"):
+        b["blocks"].update(b["blocks"]["cuda"])
     return b
+
+
+def machine(device: torch.device, dtype: torch.dtype, precision: str) -> dict[str, Any]:
+    """What the numbers were measured on: CPU model, torch CPU capability, cores, torch threads,
+    precision (and GPU name), for ``bench.json``."""
+    return {
+        **machine_info(device.type),
+        "threads": torch.get_num_threads(),
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "dtype": str(dtype).removeprefix("torch."),
+        "training_precision": precision,
+    }
 
 
 def attention_partials(names: list[str]) -> dict[str, Any]:
@@ -56,6 +77,9 @@ def run_bench(cfg: DictConfig) -> dict[str, Any]:
             or a listed variant has no ``conf/attention`` file.
     """
     b = settings(cfg)
+    parts = list(b.get("parts") or PARTS)
+    if set(parts) - set(PARTS):
+        raise ValueError(f"bench.parts: {sorted(set(parts) - set(PARTS))} not in {list(PARTS)}.")
     if b["device"] not in ("cpu", "cuda"):
         raise ValueError(f"bench.device must be cpu or cuda, got {b['device']!r}.")
     if b["device"] == "cuda" and not torch.cuda.is_available():
@@ -72,50 +96,58 @@ def run_bench(cfg: DictConfig) -> dict[str, Any]:
     if b["threads"]:
         torch.set_num_threads(int(b["threads"]))
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    mmap_fixed = kernels.fixed_mmap_threshold()
     start = time.perf_counter()
     t = b["training"]
     precision = resolve_precision(t["precision"], "cpu")  # the training part runs on the CPU
     t["precision"] = precision.value
     print(f"== training precision {precision.value} ({precision.reason})")
     res: dict[str, Any] = {
-        "machine": {
-            **machine_info(device.type),
-            "threads": torch.get_num_threads(),
-            "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-        },
+        "machine": machine(device, dtype, precision.value),
         "precision": {"training": precision.value, "reason": precision.reason},
         "settings": b,
-        "glibc_fixed_mmap_threshold": mmap_fixed,
+        "memory_measured_in": "a spawned process (kernels.MemoryProbe), not the timing process",
         "dtype": str(dtype),
+        "parts": parts,
     }
+    print(f"== machine: {res['machine']}")
     partials = attention_partials(names)
     a = b["attention"]
-    print(f"== attention fwd+bwd: batch {a['batch']}, d_model {a['d_model']}, "
-          f"{a['n_heads']} heads, {dtype}, {device}")  # fmt: skip
-    res["attention"] = kernels.sweep(partials, a, device, dtype)
+    if "attention" in parts:
+        print(f"== attention fwd+bwd: batch {a['batch']}, d_model {a['d_model']}, "
+              f"{a['n_heads']} heads, {dtype}, {device}")  # fmt: skip
+        res["attention"] = kernels.sweep(partials, a, device, dtype)
+        if "linear" in partials and a["linear_chunks"]:
+            lin = partial(partials["linear"], rope=False)
+            res["linear_chunks"] = kernels.chunk_sweep(lin, a, device, dtype)
+            print(f"  chunk sweep at n={a['chunk_len']}: {res['linear_chunks']}")
     linear_chunk = _chunk()
-    if "linear" in partials and a["linear_chunks"]:
-        lin = partial(partials["linear"], rope=False)
-        res["linear_chunks"] = kernels.chunk_sweep(lin, a, device, dtype)
-        print(f"  chunk sweep at n={a['chunk_len']}: {res['linear_chunks']}")
     g = b["generation"]
-    if g["positions"]:
+    if "generation" in parts and g["positions"]:
         print("== generation: time per token")
         gen_partials = {n: partials[n] for n in STEP_VARIANTS if n in partials}
         res["generation"] = generation.generation(gen_partials, g)
-    if device.type == "cpu" and t["tasks"]:
-        print(f"== training tokens/s, Lightning vs plain loop ({t['precision']})")
-        res["training"] = training.overhead(t)
-    if t["bf16_variants"] is not False:
-        res["bf16_mixed"] = training.precision_check(t["bf16_variants"] or names)
-    if t["compile_variants"]:
-        print("== model.compile=true")
-        res["compile"] = training.compile_check(t, res.get("training", {}))
+    if "training" in parts:
+        if device.type == "cpu" and t["tasks"]:
+            print(f"== training tokens/s, Lightning vs plain loop ({t['precision']})")
+            res["training"] = training.overhead(t)
+        if t["bf16_variants"] is not False:
+            res["bf16_mixed"] = training.precision_check(t["bf16_variants"] or names)
+        if t["compile_variants"]:
+            print("== model.compile=true")
+            res["compile"] = training.compile_check(t, res.get("training", {}))
+    if "blocks" in parts and b["blocks"]["shapes"]:
+        k = b["blocks"]
+        print(f"== blocks: training tokens/s against the nanoGPT-equivalent reference ({dtype}, "
+              f"{device}, {k['threads'] if device.type == 'cpu' else ''} threads, "
+              f"{k['rounds']} rounds x {k['steps']} steps)")  # fmt: skip
+        res["blocks"] = blocks.run(k, device, dtype)
+        res["blocks_machine"] = {**machine(device, dtype, str(dtype)), "threads": k["threads"]}
+        print(blocks.format_table(res["blocks"]))
     res["targets"] = report.targets(res, linear_chunk)
     res["wall_time_s"] = time.perf_counter() - start
     (out_dir / "bench.json").write_text(json.dumps(res, indent=1, default=str))
-    report.plot_attention(res["attention"], out_dir)
+    if res.get("attention"):
+        report.plot_attention(res["attention"], out_dir)
     if res.get("generation"):
         report.plot_generation(res["generation"], out_dir)
     print(f"\n== targets ({res['machine']['cpu']}, {res['wall_time_s']:.0f} s)")

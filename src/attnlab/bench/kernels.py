@@ -11,8 +11,9 @@ does) and timed beside three references on the same input ``x: (b, n, D)``:
   (Katharopoulos et al. 2020, eq. 9), on the same features as ``linear``.
 
 Memory (MiB) is the *additional* peak of one forward+backward: on CPU the growth of
-the peak resident set size (``ru_maxrss``) of a forked child process over its RSS at
-the fork (activations, temporaries, gradients; inputs and parameters live in the
+the peak resident set size (``ru_maxrss``) of a child forked by :class:`MemoryProbe` -- a
+process of its own, spawned once, with glibc's mmap threshold fixed, so the process that
+times never changes its allocator -- over the child's RSS at the fork (activations, temporaries, gradients; inputs and parameters live in the
 parent and are not counted; allocator/library workspaces are), minus the growth of
 a child that runs a trivial 8x8 linear fwd+bwd (library/autograd start-up); on CUDA
 ``torch.cuda.max_memory_allocated`` minus the allocation before the call.
@@ -20,6 +21,7 @@ a child that runs a trivial 8x8 linear fwd+bwd (library/autograd start-up); on C
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import math
 import multiprocessing as mp
@@ -151,7 +153,12 @@ def _child(fn: Callable[[], None], conn) -> None:  # runs in the forked process
 def peak_memory_mb(
     fn: Callable[[], None], device: torch.device, timeout: float = 300
 ) -> float | str:
-    """Additional peak memory (MiB) of ``fn()``, or a string saying why it was not measured."""
+    """Additional peak memory (MiB) of ``fn()``, or a string saying why it was not measured.
+
+    CUDA: the allocator's peak in this process. CPU: a child forked from *this* process; call it
+    from a :class:`MemoryProbe` (which has fixed glibc's mmap threshold), not from a process that
+    times, or the child may reuse pages already resident at the fork and undercount.
+    """
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         base = torch.cuda.memory_allocated(device)
@@ -178,6 +185,75 @@ def peak_memory_mb(
     elif isinstance(result, str) and proc.exitcode:
         result = f"child exited with code {proc.exitcode}"
     return result
+
+
+def _memory_server(conn) -> None:  # runs in the spawned MemoryProbe process
+    fixed = fixed_mmap_threshold()
+    torch.set_num_threads(1)
+    conn.send(fixed)
+    while True:
+        try:
+            job = conn.recv()
+        except EOFError:
+            return
+        if job is None:
+            return
+        fn, timeout = job
+        try:
+            conn.send(peak_memory_mb(fn, torch.device("cpu"), timeout))
+        except BaseException as err:  # noqa: BLE001 - reported, the server goes on
+            conn.send(f"{type(err).__name__}: {err}")
+
+
+class MemoryProbe:
+    """CPU peak-memory measurements in a process of their own (DESIGN: a benchmark never
+    measures memory in the process that times).
+
+    A ``spawn``-ed server process fixes glibc's mmap threshold (:func:`fixed_mmap_threshold`) and,
+    for each ``probe(fn)``, receives the pickled ``fn`` (a module, its input and gradient) and
+    forks a child that runs it (:func:`peak_memory_mb`). The timing process keeps glibc's default
+    allocator behaviour. Use as a context manager; ``fixed_mmap_threshold`` says whether the
+    server could set it.
+    """
+
+    def __init__(self, timeout: float = 300) -> None:
+        ctx = mp.get_context("spawn")
+        self.timeout = timeout
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_memory_server, args=(child,))  # forks: not a daemon
+        self._proc.start()
+        child.close()
+        self.fixed_mmap_threshold = bool(self._conn.recv()) if self._conn.poll(120) else False
+
+    def __call__(self, fn: Callable[[], None]) -> float | str:
+        """Additional peak MiB of ``fn()`` (picklable), or why it was not measured."""
+        if not self._proc.is_alive():
+            return "memory probe process is not running"
+        try:
+            self._conn.send((fn, self.timeout))
+        except Exception as err:  # noqa: BLE001 - e.g. an unpicklable module
+            return f"not measured: {type(err).__name__}: {err}"
+        if self._conn.poll(self.timeout + 30):
+            try:
+                return self._conn.recv()
+            except EOFError:
+                pass
+        return "memory probe process did not answer"
+
+    def close(self) -> None:
+        """Stop the server process."""
+        with contextlib.suppress(Exception):
+            self._conn.send(None)
+        self._proc.join(10)
+        if self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join()
+
+    def __enter__(self) -> MemoryProbe:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def fixed_mmap_threshold(nbytes: int = 1 << 16) -> bool:
@@ -209,17 +285,29 @@ def sweep(
     device: torch.device,
     dtype: torch.dtype,
     log: Callable[[str], None] = print,
+    probe: MemoryProbe | None = None,
 ) -> list[dict]:
     """Time (s, median of ``repeats``) and memory of every module at every length.
+
+    CPU memory is measured by ``probe`` (a :class:`MemoryProbe`; one is started for the sweep
+    when None), never in this process.
 
     Modules whose warm-up call exceeds ``max_call_s`` are timed once, not ``repeats`` times.
     Returns rows ``{name, causal, n, time_s | None, mem_mb, status}``; ``status`` is
     ``ok``, ``oom``, ``skipped: ...`` (slower than ``max_call_s`` at a shorter length)
     or an error message.
     """
+    if a["memory"] and device.type == "cpu" and probe is None:
+        with MemoryProbe() as own:
+            return sweep(partials, a, device, dtype, log, own)
+    measure = (
+        probe
+        if device.type == "cpu" and probe is not None
+        else partial(peak_memory_mb, device=device)
+    )
     rows: list[dict] = []
     # what a child grows by for a trivial fwd+bwd (autograd engine, BLAS workspaces): subtracted
-    baseline = peak_memory_mb(_trivial_fwd_bwd, device) if a["memory"] else 0.0
+    baseline = measure(_trivial_fwd_bwd) if a["memory"] else 0.0
     baseline = baseline if isinstance(baseline, float) else 0.0
     log(f"  memory baseline (child running a trivial fwd+bwd): {baseline:.1f} MiB, subtracted")
     for causal in a["causal"]:
@@ -261,7 +349,7 @@ def sweep(
                 row = result[name]
                 row["time_s"] = statistics.median(row.pop("times"))
                 if a["memory"]:
-                    mem = peak_memory_mb(call, device)
+                    mem = measure(call)
                     row["mem_mb"] = mem - baseline if isinstance(mem, float) else mem
                 if row["time_s"] > a["max_call_s"]:
                     stopped[name] = f"skipped: {row['time_s']:.2f} s > max_call_s at n={n}"

@@ -69,6 +69,15 @@ def targets(res: dict[str, Any], linear_chunk: int) -> list[dict]:
         bad = [k for k, v in prec.items() if not v["ok"]]
         add(f"bf16-mixed trains every variant ({len(prec)} variant/task pairs)", float(len(bad)),
             "0 failures", not bad)  # fmt: skip
+    for blk in res.get("blocks", []):
+        shape = blk["shape"]
+        name = (f"L{shape['layers']} H{shape['heads']} C{shape['d_model']} T{shape['context']} "
+                f"B{shape['batch']}")  # fmt: skip
+        for row in ("modern", "nanogpt_like"):
+            if row in blk["ratios"]:
+                v = blk["ratios"][row]["tokens"]
+                add(f"training tokens/s {row} / nanoGPT reference, {name}", v, ">= 1.0",
+                    v >= 1.0)  # fmt: skip
     for name, c in res.get("compile", {}).items():
         v = _ratio(c.get("tokens_per_s"), c.get("eager_tokens_per_s"))
         add(f"model.compile=true trains ({name}, enwik8): compiled/eager tok/s", v, "runs",
