@@ -109,7 +109,8 @@ def main() -> None:
         ref = attnlab_causal(q64, k64, raw[2].double()).double()
         for name in args.dtypes:
             dtype = torch.bfloat16 if name == "bf16" else torch.float32
-            q, k, v = ((F.elu(t) + 1).to(dtype) for t in raw[:2]) + (raw[2].to(dtype),)
+            q, k = ((F.elu(t) + 1).to(dtype) for t in raw[:2])
+            v = raw[2].to(dtype)
             q, k, v = (t.detach().requires_grad_(True) for t in (q, k, v))
             try:
                 t_a = timed(attnlab_causal, q, k, v, repeats=args.repeats)
