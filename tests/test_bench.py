@@ -74,7 +74,10 @@ def test_bench_command_writes_json_and_plots(tmp_path):
     assert res["precision"]["training"] == want == res["settings"]["training"]["precision"]
     assert res["machine"]["cpu_capability"] == cpu_capability() and res["machine"]["cpu"]
     assert res["bf16_mixed"]["linear/enwik8"]["ok"] and res["bf16_mixed"]["linear/imdb"]["ok"]
-    assert all(e["allclose_1e-5"] for e in res["linear_chunks"]["error_vs_naive"].values())
+    sweeps = res["chunk_sweeps"]
+    assert set(sweeps) == {"linear"}  # the variants with a chunk_size (roles, not names)
+    assert all(e["allclose_1e-5"] for e in sweeps["linear"]["error_vs_naive"].values())
+    assert res["roles"]["linear"]["recurrent"] and not res["roles"]["softmax"]["recurrent"]
     assert {"reference", "modern", "nanogpt_like"} == set(res["blocks"][0]["rows"])
     assert res["blocks_machine"]["cpu"] and res["blocks_machine"]["dtype"] == "float32"
     assert "spawned process" in res["memory_measured_in"]
@@ -98,3 +101,29 @@ def test_naive_references_agree_with_the_variants():
     mask = torch.nn.Transformer.generate_square_subsequent_mask(12)
     expected = mha(x, x, x, attn_mask=mask, is_causal=True, need_weights=False)[0]
     torch.testing.assert_close(ref(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_roles_come_from_flags_so_a_new_variant_is_measured():
+    from functools import partial
+
+    from attnlab.attention import LinearAttention, SoftmaxAttention
+    from attnlab.bench import roles
+    from attnlab.bench.report import targets
+    from attnlab.config import compose
+
+    class MyRecurrent(LinearAttention):  # a new variant nobody named in the bench
+        pass
+
+    caps = roles({"mine": partial(MyRecurrent), "sdpa": partial(SoftmaxAttention)})
+    assert caps["mine"] == {"supports_causal": True, "supports_step": True, "recurrent": True,
+                            "chunk_size": 64}  # fmt: skip
+    assert caps["sdpa"]["supports_step"] and not caps["sdpa"]["recurrent"]
+    assert caps["sdpa"]["chunk_size"] is None
+    limits = compose("bench", []).bench.targets
+    res = {"generation": {"mine_step": {256: 1.0, 4096: 1.2}, "sdpa_step": {1024: 1.0},
+                          "sdpa_recompute": {1024: 9.0}}}  # fmt: skip
+    rows = {r["target"]: r for r in targets(res, limits, caps)}
+    mine = rows["generation: mine (recurrent) time/token at 4096 / at 256"]
+    assert mine["met"] and abs(mine["value"] - 1.2) < 1e-9
+    assert rows["generation: sdpa recompute / KV cache at 1024"]["value"] == 9.0
+    assert "causal mine time 8192 / 1024" in rows  # chunked: scaling targets enrolled

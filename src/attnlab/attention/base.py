@@ -161,6 +161,9 @@ class Attention(nn.Module):
     needs_max_len: bool = False
     uses_qk: bool = True
     supports_step: ClassVar[bool] = False
+    #: the decoding state has a fixed size (a recurrent state, O(1) per token) rather than a
+    #: KV cache that grows with the position; read by ``attnlab bench`` to pick its targets
+    recurrent: ClassVar[bool] = False
     has_weights: ClassVar[bool] = True
 
     def __init__(

@@ -148,6 +148,7 @@ class LinearAttention(Attention):
 
     uses_qk = False
     supports_step = True
+    recurrent = True
 
     def __init__(
         self,

@@ -37,7 +37,6 @@ from attnlab.bench import blocks, generation, kernels, report, training
 from attnlab.config import available
 from attnlab.hardware import machine_info, resolve_precision
 
-STEP_VARIANTS = ("softmax", "linear")  # generation: KV cache vs recurrent state
 PARTS = ("attention", "generation", "training", "blocks")
 
 
@@ -67,6 +66,23 @@ def machine(device: torch.device, dtype: torch.dtype, precision: str) -> dict[st
 def attention_partials(names: list[str]) -> dict[str, Any]:
     """``{variant: partial}`` instantiated from ``conf/attention/<variant>.yaml``."""
     return {n: instantiate(training.compose_cfg(f"attention/{n}", []).attention) for n in names}
+
+
+def roles(partials: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """What each variant can do, read from a small instance's capability flags and attributes:
+    ``supports_causal``, ``supports_step``, ``recurrent`` (a fixed-size decoding state) and
+    ``chunk_size`` (None when it has none). The bench picks every role from these, never from
+    a variant's name."""
+    out = {}
+    for name, part in partials.items():
+        m = part(d_model=16, n_heads=2, causal=False, max_len=8)
+        out[name] = {
+            "supports_causal": bool(m.supports_causal),
+            "supports_step": bool(m.supports_step and m.supports_causal),
+            "recurrent": bool(getattr(m, "recurrent", False)),
+            "chunk_size": getattr(m, "chunk_size", None),
+        }
+    return out
 
 
 def run_bench(cfg: DictConfig) -> dict[str, Any]:
@@ -111,21 +127,26 @@ def run_bench(cfg: DictConfig) -> dict[str, Any]:
     }
     print(f"== machine: {res['machine']}")
     partials = attention_partials(names)
+    caps = roles(partials)
+    res["roles"] = caps
     a = b["attention"]
     if "attention" in parts:
         print(f"== attention fwd+bwd: batch {a['batch']}, d_model {a['d_model']}, "
               f"{a['n_heads']} heads, {dtype}, {device}")  # fmt: skip
         res["attention"] = kernels.sweep(partials, a, device, dtype)
-        if "linear" in partials and a["linear_chunks"]:
-            lin = partial(partials["linear"], rope=False)
-            res["linear_chunks"] = kernels.chunk_sweep(lin, a, device, dtype)
-            print(f"  chunk sweep at n={a['chunk_len']}: {res['linear_chunks']}")
-    linear_chunk = _chunk()
+        chunked = [n for n, r in caps.items() if r["chunk_size"] is not None]
+        if a["linear_chunks"] and chunked:
+            res["chunk_sweeps"] = {}
+            for name in chunked:  # every variant with a chunk_size
+                sweep = kernels.chunk_sweep(partial(partials[name], rope=False), a, device, dtype)
+                res["chunk_sweeps"][name] = sweep
+                print(f"  {name} chunk sweep at n={a['chunk_len']}: {sweep}")
     g = b["generation"]
     if "generation" in parts and g["positions"]:
-        print("== generation: time per token")
-        gen_partials = {n: partials[n] for n in STEP_VARIANTS if n in partials}
-        res["generation"] = generation.generation(gen_partials, g)
+        step = [n for n, r in caps.items() if r["supports_step"]]
+        chosen = g.get("variants") or step  # null: every variant with a decoding step
+        print(f"== generation: time per token ({', '.join(chosen)})")
+        res["generation"] = generation.generation({n: partials[n] for n in chosen}, g)
     if "training" in parts:
         if device.type == "cpu" and t["tasks"]:
             print(f"== training tokens/s, Lightning vs plain loop ({t['precision']})")
@@ -143,7 +164,7 @@ def run_bench(cfg: DictConfig) -> dict[str, Any]:
         res["blocks"] = blocks.run(k, device, dtype)
         res["blocks_machine"] = {**machine(device, dtype, str(dtype)), "threads": k["threads"]}
         print(blocks.format_table(res["blocks"]))
-    res["targets"] = report.targets(res, linear_chunk)
+    res["targets"] = report.targets(res, b["targets"], caps)
     res["wall_time_s"] = time.perf_counter() - start
     (out_dir / "bench.json").write_text(json.dumps(res, indent=1, default=str))
     if res.get("attention"):
@@ -154,8 +175,3 @@ def run_bench(cfg: DictConfig) -> dict[str, Any]:
     print(report.format_targets(res["targets"]))
     print(f"results: {out_dir / 'bench.json'}")
     return res
-
-
-def _chunk() -> int:
-    """The ``chunk_size`` that ``conf/attention/linear.yaml`` sets."""
-    return int(training.compose_cfg("attention/linear", []).attention.chunk_size)

@@ -377,7 +377,9 @@ def chunk_sweep(
     mods = {}
     for c in a["linear_chunks"]:
         torch.manual_seed(0)
-        mods[c] = factory(d_model=a["d_model"], n_heads=a["n_heads"], causal=True, max_len=n)
+        mods[c] = factory(
+            d_model=a["d_model"], n_heads=a["n_heads"], causal=True, max_len=n, chunk_size=c
+        )
         mods[c].to(device=device, dtype=dtype)
         fwd_bwd(mods[c], x, grad)
     times: dict[int, list[float]] = {c: [] for c in mods}
@@ -385,6 +387,8 @@ def chunk_sweep(
         for c, mod in mods.items():
             times[c].append(time_call(partial(fwd_bwd, mod, x, grad), device))
     out["time_s"] = {int(c): statistics.median(t) for c, t in times.items()}
+    if not hasattr(next(iter(mods.values())), "features"):  # not a feature-map linear variant
+        return out
     with torch.no_grad():
         mod = next(iter(mods.values())).float()
         q, k, v = mod.features(x.detach().float())
