@@ -19,7 +19,12 @@ import torch
 from torch.utils.data import DataLoader
 
 from attnlab.data.batching import eval_sampler, loader_generator
-from attnlab.data.windows import SlidingWindowDataset, StepSampler, StepWindowDataset
+from attnlab.data.windows import (
+    SlidingWindowDataset,
+    StepResumable,
+    StepSampler,
+    StepWindowDataset,
+)
 from attnlab.paths import default_data_dir
 
 log = logging.getLogger(__name__)
@@ -124,7 +129,7 @@ def split_offsets(n: int) -> dict[str, tuple[int, int]]:
     return {"train": (0, a), "val": (a, b), "test": (b, n)}
 
 
-class Enwik8DataModule(pl.LightningDataModule):
+class Enwik8DataModule(StepResumable, pl.LightningDataModule):
     """enwik8 (or any byte file) as windows of ``context`` bytes; vocabulary = 256 byte values.
 
     Args:
@@ -290,25 +295,6 @@ class Enwik8DataModule(pl.LightningDataModule):
             num_workers=self.num_workers,
             generator=loader_generator(self.seed),
         )
-
-    def _train_start_step(self) -> int:
-        """The global step of the next training batch. Lightning creates the first training
-        iterator before it restores the trainer's step from a checkpoint (and worker processes
-        draw indices at once), so the step saved by :meth:`state_dict` counts too."""
-        trainer = getattr(self, "trainer", None)
-        return max(trainer.global_step if trainer is not None else 0, self._resume_step)
-
-    def state_dict(self) -> dict[str, int]:
-        """``{"global_step": ...}``: restored before Lightning builds the training iterator."""
-        trainer = getattr(self, "trainer", None)
-        return {"global_step": int(trainer.global_step)} if trainer is not None else {}
-
-    def load_state_dict(self, state_dict: dict[str, int]) -> None:
-        self._resume_step = int(state_dict.get("global_step", 0))
-
-    def teardown(self, stage: str) -> None:
-        if stage == "fit":
-            self._resume_step = 0  # a later fit without a checkpoint starts at its own step
 
     def _eval_loader(self, split: str) -> DataLoader:
         ds = self.eval_dataset(split)

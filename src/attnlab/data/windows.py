@@ -144,3 +144,32 @@ class StepSampler(DistributedSampler):
 
     def __len__(self) -> int:
         return self.batches_per_epoch * self.batch_size
+
+
+class StepResumable:
+    """Mixin for a data module whose training batch ``g`` is a pure function of ``(seed, g)``
+    (read through :class:`StepSampler`): it checkpoints the global step and starts the next
+    training iterator there, so a resumed run trains exactly the batches of an uninterrupted
+    one. Put it before ``LightningDataModule`` in the bases; pass :meth:`_train_start_step` to
+    the sampler."""
+
+    _resume_step: int = 0
+
+    def _train_start_step(self) -> int:
+        """The global step of the next training batch. Lightning creates the first training
+        iterator before it restores the trainer's step from a checkpoint (and worker processes
+        draw indices at once), so the step saved by :meth:`state_dict` counts too."""
+        trainer = getattr(self, "trainer", None)
+        return max(trainer.global_step if trainer is not None else 0, self._resume_step)
+
+    def state_dict(self) -> dict[str, int]:
+        """``{"global_step": ...}``: restored before Lightning builds the training iterator."""
+        trainer = getattr(self, "trainer", None)
+        return {"global_step": int(trainer.global_step)} if trainer is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self._resume_step = int(state_dict.get("global_step", 0))
+
+    def teardown(self, stage: str) -> None:
+        if stage == "fit":
+            self._resume_step = 0  # a later fit without a checkpoint starts at its own step

@@ -81,6 +81,20 @@ class TaskModule(pl.LightningModule):
         """A random batch of this task's shape (``batch_size x seq_len``) for benchmarks."""
         raise NotImplementedError
 
+    def step(self, batch: dict[str, Tensor], split: str) -> Tensor | None:
+        """One batch of ``split`` (``train | val | test``): compute, update the split's metrics,
+        log; return the loss to optimise for ``train``."""
+        raise NotImplementedError
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        return self.step(batch, "train")
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self.step(batch, "val")
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self.step(batch, "test")
+
     def score(self, batch: dict[str, Tensor]) -> tuple[float, float]:
         """``(sum, count)`` of :attr:`metric` over ``batch``; the metric is ``sum / count``.
 

@@ -69,7 +69,7 @@ class ClassificationTask(TaskModule):
         logits = self.model(batch["input_ids"], batch["padding_mask"])
         return float((logits.argmax(-1) == batch["labels"]).sum()), float(batch["labels"].numel())
 
-    def _step(self, batch: dict[str, Tensor], split: str) -> Tensor:
+    def step(self, batch: dict[str, Tensor], split: str) -> Tensor:
         logits = self.model(batch["input_ids"], batch["padding_mask"])
         loss = F.cross_entropy(logits.float(), batch["labels"])
         n = batch["labels"].shape[0]
@@ -90,12 +90,3 @@ class ClassificationTask(TaskModule):
         # not called when resuming mid-epoch, where the restored partial state must be kept; a
         # checkpoint from an epoch's end still holds that epoch's counts, so clear them here
         self.acc["train_acc"].reset()
-
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        return self._step(batch, "train")
-
-    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        self._step(batch, "val")
-
-    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        self._step(batch, "test")

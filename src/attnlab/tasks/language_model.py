@@ -69,20 +69,14 @@ class LanguageModelTask(TaskModule):
         nats = self.scored_nats(batch)
         return float(nats_to_bits(nats.double().sum())), float(nats.numel())
 
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        loss = self.loss(batch)
-        self._log_loss("train", loss, batch["targets"].numel())
-        return loss
-
-    def _eval_step(self, batch: dict[str, Tensor], split: str) -> None:
+    def step(self, batch: dict[str, Tensor], split: str) -> Tensor | None:
+        if split == "train":
+            loss = self.loss(batch)
+            self._log_loss("train", loss, batch["targets"].numel())
+            return loss
         scored = self.scored_nats(batch)
         bpb = self.bpb[f"{split}_bpb"]
         bpb.update(scored)
         self._log_loss(split, scored.mean(), scored.numel())
         self.log(f"{split}/bpb", bpb, on_step=False, on_epoch=True, prog_bar=True)
-
-    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, "val")
-
-    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, "test")
+        return None

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
 
 from attnlab.data.batching import eval_sampler, loader_generator
-from attnlab.data.windows import StepSampler
+from attnlab.data.windows import StepResumable, StepSampler
 from attnlab.models import Backbone, LanguageModel
 from attnlab.tasks.base import SPLITS, OptimizerFactory, TaskModule
 
@@ -126,7 +126,7 @@ class _StepBatches(Dataset):
         return {"input_ids": inputs[k], "targets": targets[k]}
 
 
-class MQARDataModule(pl.LightningDataModule):
+class MQARDataModule(StepResumable, pl.LightningDataModule):
     """MQAR data, generated on the fly from ``seed`` (nothing is read from disk).
 
     Args:
@@ -177,7 +177,6 @@ class MQARDataModule(pl.LightningDataModule):
         self.num_workers = num_workers
         self.limits: dict[str, int | None] = {"val": limit_val, "test": limit_test}
         self._eval: dict[str, tuple[Tensor, Tensor]] = {}
-        self._resume_step = 0
 
     def make(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         """``n`` sequences of this module's shape (:func:`mqar_batch`)."""
@@ -240,22 +239,6 @@ class MQARDataModule(pl.LightningDataModule):
         ]
         labels = [f"q{ids[i]}" if tgt[i] != IGNORE else lab for i, lab in enumerate(labels)]
         return ids, labels
-
-    # exact resumes: the step of the next training batch (see Enwik8DataModule)
-    def _train_start_step(self) -> int:
-        trainer = getattr(self, "trainer", None)
-        return max(trainer.global_step if trainer is not None else 0, self._resume_step)
-
-    def state_dict(self) -> dict[str, int]:
-        trainer = getattr(self, "trainer", None)
-        return {"global_step": int(trainer.global_step)} if trainer is not None else {}
-
-    def load_state_dict(self, state_dict: dict[str, int]) -> None:
-        self._resume_step = int(state_dict.get("global_step", 0))
-
-    def teardown(self, stage: str) -> None:
-        if stage == "fit":
-            self._resume_step = 0
 
 
 class _Pairs(TensorDataset):
@@ -322,7 +305,7 @@ class MQARTask(TaskModule):
         logits, targets = self._queries(batch)
         return float((logits.argmax(-1) == targets).sum()), float(targets.numel())
 
-    def _step(self, batch: dict[str, Tensor], split: str) -> Tensor:
+    def step(self, batch: dict[str, Tensor], split: str) -> Tensor:
         logits, targets = self._queries(batch)
         loss = F.cross_entropy(logits, targets)
         self._log_loss(split, loss, targets.numel())
@@ -334,12 +317,3 @@ class MQARTask(TaskModule):
 
     def on_train_epoch_start(self) -> None:
         self.acc["train_acc"].reset()
-
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        return self._step(batch, "train")
-
-    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        self._step(batch, "val")
-
-    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        self._step(batch, "test")
