@@ -138,3 +138,35 @@ def test_old_run_configs_are_upgraded(kind, head, target):
     assert new["model"]["_target_"] == "attnlab.models.Backbone"
     assert new["optim"]["_target_"] == "attnlab.optim.build_optimizer"
     assert upgrade_run_config(new) == new  # a current record is left alone
+
+
+def test_a_checkpoint_in_the_old_layout_still_evaluates(tmp_path):
+    """A finished run from before tasks were components (task.kind, head options in model)
+    is evaluated with the same result as in today's layout: no user's work is lost."""
+    import torch
+
+    from attnlab.config import compose
+    from attnlab.evaluate import evaluate
+    from attnlab.paths import default_data_dir
+    from attnlab.train import train
+    from tests.test_train import TINY_IMDB, TINY_MODEL
+
+    if default_data_dir() is None:
+        pytest.skip("needs ../shared/data")
+    run = tmp_path / "run"
+    cache = f"paths.cache_dir={tmp_path / 'cache'}"
+    train(compose("train", [*TINY_MODEL, *TINY_IMDB, cache], run_dir=str(run)))
+    ckpt = torch.load(run / "checkpoints/best.ckpt", map_location="cpu", weights_only=False)
+    old = ckpt["attnlab_config"]
+    module = old["task"].pop("module")
+    old["task"]["kind"] = "classification"
+    old["model"]["pooling"] = module["pooling"]
+    old["model"]["tie_embeddings"] = True
+    for key in ("_target_", "_partial_"):
+        old["model"].pop(key)
+        old["optim"].pop(key)
+    torch.save(ckpt, tmp_path / "old.ckpt")
+    args = [f"paths.cache_dir={tmp_path / 'cache'}", "split=val"]
+    new = evaluate(compose("evaluate", [f"ckpt={run / 'checkpoints/best.ckpt'}", *args]))
+    legacy = evaluate(compose("evaluate", [f"ckpt={tmp_path / 'old.ckpt'}", *args]))
+    assert legacy == new and "val/acc" in legacy
