@@ -10,6 +10,7 @@ import torch
 from attnlab.config import compose
 from attnlab.tasks.mqar import IGNORE, MQARDataModule, mqar_batch
 from attnlab.train import train
+from tests.test_train import TINY_MODEL
 
 TINY_MQAR = [
     "task=mqar",
@@ -20,12 +21,7 @@ TINY_MQAR = [
     "task.data.train_batches_per_epoch=4",
     "task.data.num_val=32",
     "task.data.num_test=32",
-    "model.d_model=32",
-    "model.n_layers=1",
-    "model.n_heads=2",
-    "logger=none",
-    "trainer.precision=32-true",
-    "trainer.enable_progress_bar=false",
+    *TINY_MODEL,  # the tiny model and quiet trainer of the other end-to-end tests
     "trainer.log_every_n_steps=1",
     "trainer.max_epochs=1",
     "optim.warmup_steps=2",

@@ -80,7 +80,7 @@ def test_the_graph_test_finds_a_planted_cycle():
 
 def test_no_import_cycles_in_attnlab():
     graph = import_graph()
-    assert "attnlab.train" in graph["attnlab.cli"] or graph["attnlab.cli"]  # the graph is real
+    assert "attnlab.train" in graph["attnlab.cli"]  # lazy imports count: the graph is real
     assert "attnlab.build" in graph["attnlab.train"]
     assert find_cycle(graph) is None, f"import cycle: {' -> '.join(find_cycle(graph))}"
 
