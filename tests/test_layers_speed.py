@@ -173,3 +173,127 @@ def test_rope_module_to_dtype_rebuilds_tables():
     m(torch.randn(1, 4, 32))
     m.double()
     assert m(torch.randn(1, 4, 32, dtype=torch.float64)).dtype == torch.float64
+
+
+# ---------------------------------------------------------------- fused q/k/v + RoPE, SwiGLU projection
+def _attention_grads(attn, x, mask=None):
+    x = x.detach().clone().requires_grad_(True)
+    out = attn(x, mask)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(2), dtype=out.dtype)
+    grads = torch.autograd.grad(out, [x, *attn.parameters()], g)
+    return out.detach(), grads
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("name", ["softmax", "talking_heads"])
+def test_rope_pair_path_matches_half_layout(monkeypatch, name, bias, causal):
+    """project() on the pair path (permuted rows + complex rotation) gives the outputs and
+    gradients (input and every parameter) of the half-layout rotation, padded or not."""
+    from tests.conftest import build_attention
+
+    torch.manual_seed(0)
+    attn = build_attention(name, 64, 4, causal=causal, rope=True, bias=bias)
+    x = torch.randn(3, 11, 64)
+    mask = torch.ones(3, 11, dtype=torch.bool)
+    mask[1, 7:] = False
+    assert attn._pair_path(x)
+    for m in (None, mask):
+        fast, fast_g = _attention_grads(attn, x, m)
+        monkeypatch.setattr(type(attn), "_pair_path", staticmethod(lambda x: False))
+        ref, ref_g = _attention_grads(attn, x, m)
+        monkeypatch.undo()
+        torch.testing.assert_close(fast, ref, **TOL)
+        for a, b in zip(fast_g, ref_g):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-6)  # sums over 33 rows
+
+
+def test_rope_pair_path_permutes_q_and_k_alike(monkeypatch):
+    """q and k come out in pair order: every q·k (and v) equals the half layout's."""
+    torch.manual_seed(0)
+    attn = SoftmaxAttention(32, 2, causal=True, rope=True)
+    x = torch.randn(2, 9, 32)
+    q, k, v = attn.project(x, offset=4)
+    monkeypatch.setattr(SoftmaxAttention, "_pair_path", staticmethod(lambda x: False))
+    q0, k0, v0 = attn.project(x, offset=4)
+    torch.testing.assert_close(q @ k.transpose(-2, -1), q0 @ k0.transpose(-2, -1), **TOL)
+    torch.testing.assert_close(v, v0, atol=0, rtol=0)
+    assert not torch.allclose(q, q0)  # the coordinates themselves are permuted
+
+
+def test_rope_pair_order_puts_pairs_side_by_side():
+    from attnlab.layers import rope_pair_order
+
+    order = rope_pair_order(n_heads=2, head_dim=4)
+    assert order.tolist() == [0, 2, 1, 3, 4, 6, 5, 7, 8, 10, 9, 11, 12, 14, 13, 15, *range(16, 24)]
+
+
+def test_rope_pair_path_decodes_like_the_forward():
+    torch.manual_seed(0)
+    attn = SoftmaxAttention(32, 4, causal=True, rope=True).eval()
+    x = torch.randn(2, 7, 32)
+    with torch.no_grad():
+        full = attn(x)
+        state, outs = attn.init_state(2, x.device, x.dtype), []
+        for t in range(7):
+            out, state = attn.step(x[:, t : t + 1], state, t)
+            outs.append(out)
+    torch.testing.assert_close(torch.cat(outs, 1), full, **TOL)
+
+
+def test_rope_pair_path_off_under_autocast_and_float16():
+    x = torch.randn(1, 4, 32)
+    assert SoftmaxAttention._pair_path(x) and SoftmaxAttention._pair_path(x.double())
+    assert not SoftmaxAttention._pair_path(x.half())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not SoftmaxAttention._pair_path(x)
+        out = SoftmaxAttention(32, 2, causal=True, rope=True)(x)
+    assert out.shape == (1, 4, 32)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("shape", [(2, 6, 32), (5, 32)])
+def test_swiglu_projection_matches_linear_then_gate(bias, shape):
+    torch.manual_seed(0)
+    ffn = SwiGLU(32, bias=bias)
+    if bias:
+        with torch.no_grad():
+            ffn.gate_up.bias.normal_()
+    x = torch.randn(shape)
+    out, grads = _grads(lambda a: ffn(a), x)
+    pgrads = [p.grad.clone() for p in ffn.parameters()]
+    ffn.zero_grad()
+    ref, rgrads = _grads(lambda a: ffn.down(old_swiglu(ffn.gate_up(a))), x)
+    torch.testing.assert_close(out, ref, **TOL)
+    torch.testing.assert_close(grads[0], rgrads[0], **TOL)
+    for a, b in zip(pgrads, [p.grad for p in ffn.parameters()]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-6)
+
+
+def test_swiglu_second_backward_is_refused_not_wrong():
+    """The backward writes over its saved buffers; a second pass through the same graph
+    (retain_graph=True) must raise, not return wrong gradients."""
+    ffn = SwiGLU(16)
+    loss = ffn(torch.randn(2, 3, 16)).sum()
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_head_mask_multiply_skipped_only_while_all_ones():
+    torch.manual_seed(0)
+    attn = SoftmaxAttention(32, 4).eval()
+    x = torch.randn(2, 5, 32)
+    full = attn(x)
+    assert attn.all_heads_on()
+    attn.head_mask[2] = 0.0  # an in-place edit (as analyze does) is seen
+    assert not attn.all_heads_on()
+    heads = attn.attend(*attn.project(x), None, False)[0]
+    heads = heads * torch.tensor([1.0, 1.0, 0.0, 1.0])[None, :, None, None]
+    ref = attn.out(heads.transpose(1, 2).reshape(2, 5, 32))
+    torch.testing.assert_close(attn(x), ref, **TOL)
+    attn.head_mask.fill_(1.0)
+    assert attn.all_heads_on()
+    torch.testing.assert_close(attn(x), full, atol=0, rtol=0)
+    attn.head_mask = torch.tensor([1.0, 0.5, 1.0, 1.0])  # a replaced buffer is seen too
+    assert not attn.all_heads_on()

@@ -32,8 +32,9 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
-from attnlab.layers import RotaryEmbedding
+from attnlab.layers import RotaryEmbedding, rope_pair_order
 
 
 def resolve_head_dim(d_model: int, n_heads: int, head_dim: int | None) -> int:
@@ -204,8 +205,27 @@ class Attention(nn.Module):
             )
 
     def merge(self, out: Tensor) -> Tensor:
-        """Apply ``head_mask`` and merge heads: ``(b, h, n, d) -> (b, n, h*d)``."""
+        """Apply ``head_mask`` and merge heads: ``(b, h, n, d) -> (b, n, h*d)``.
+
+        The multiplication is skipped while every entry of ``head_mask`` is 1 (the product
+        would be ``out`` itself); see :meth:`all_heads_on`."""
+        if self.all_heads_on():
+            return merge_heads(out)
         return merge_heads(out * self.head_mask.to(out.dtype)[None, :, None, None])
+
+    def all_heads_on(self) -> bool:
+        """True when every entry of ``head_mask`` is 1. Checked again only after the buffer is
+        written to (its version counter moves) or replaced, so the check does not read the
+        tensor (or synchronise a GPU) on every forward. False under ``torch.compile`` and for
+        tensors without a version counter (made under ``torch.inference_mode``)."""
+        mask = self.head_mask
+        if torch.compiler.is_compiling() or mask.is_inference():
+            return False
+        seen = self.__dict__.get("_heads_on_seen")
+        if seen is None or seen[0] is not mask or seen[1] != mask._version:
+            seen = (mask, mask._version, bool((mask == 1).all()))
+            self.__dict__["_heads_on_seen"] = seen
+        return seen[2]
 
     def combine(self, heads: Tensor) -> Tensor:
         """Per-head outputs ``(b, h, n, d)`` -> ``(b, n, D)``: ``head_mask``, head merge and
@@ -272,13 +292,40 @@ class QKVAttention(Attention):
         super().__init__(d_model, n_heads, head_dim, **kw)
         self.qkv = nn.Linear(d_model, 3 * self.inner_dim, bias=self.bias)
         self.out = nn.Linear(self.inner_dim, d_model, bias=self.bias)
+        if self.rotary is not None:  # the qkv rows in RoPE pair order (see project)
+            order = rope_pair_order(n_heads, self.head_dim)
+            self.register_buffer("rope_order", order, persistent=False)
 
     def project(self, x: Tensor, offset: int = 0) -> tuple[Tensor, Tensor, Tensor]:
-        """``x: (b, n, D)`` -> q, k, v each ``(b, h, n, d)``, RoPE applied to q and k."""
+        """``x: (b, n, D)`` -> q, k, v each ``(b, h, n, d)``, RoPE applied to q and k.
+
+        With RoPE on float32/float64 inputs in eager mode (no autocast, not compiling) the
+        projection's q and k rows are taken in :func:`~attnlab.layers.rope_pair_order`
+        (``qkv.weight`` itself is unchanged) and rotated by one complex multiplication
+        (:meth:`~attnlab.layers.RotaryEmbedding.rotate_qkv`): q and k then come out with their
+        coordinates permuted within each head, ``(0, d/2, 1, d/2+1, ...)``, the same
+        permutation for both, so every ``q · k`` (and every output) is that of the half layout.
+        Otherwise: ``qkv(x)``, split, and :meth:`RotaryEmbedding.forward` on q and k.
+        """
+        if self.rotary is not None and self._pair_path(x):
+            order = self.rope_order
+            weight = self.qkv.weight.index_select(0, order)
+            bias = None if self.qkv.bias is None else self.qkv.bias.index_select(0, order)
+            return self.rotary.rotate_qkv(F.linear(x, weight, bias), self.n_heads, offset)
         q, k, v = (split_heads(t, self.n_heads) for t in self.qkv(x).chunk(3, dim=-1))
         if self.rotary is not None:
             q, k = self.rotary(q, offset), self.rotary(k, offset)
         return q, k, v
+
+    @staticmethod
+    def _pair_path(x: Tensor) -> bool:
+        """Whether :meth:`project` rotates by complex multiplication: a float32/float64 input,
+        eager mode, no autocast on its device (complex views need float32/float64)."""
+        return (
+            x.dtype in (torch.float32, torch.float64)
+            and not torch.is_autocast_enabled(x.device.type)
+            and not torch.compiler.is_compiling()
+        )
 
     def values(self, x: Tensor) -> Tensor:
         """``x: (b, n, D)`` -> v ``(b, h, n, d)``."""
