@@ -139,7 +139,7 @@ class Enwik8DataModule(StepResumable, pl.LightningDataModule):
         batch_size: training windows per batch; ``eval_batch_size`` (default ``2 * batch_size``)
             for validation and test.
         train_batches_per_epoch: training batches per epoch (per device under DDP).
-        eval_stride: newly scored bytes per evaluation window after the first (default
+        eval_stride: newly scored bytes per evaluation window (default
             ``context // 2``); must satisfy ``0 < eval_stride <= context``.
         seed: seeds the training windows (with the global step: see ``train_dataloader``).
         verify: check the SHA-256 of a 100,000,000-byte file; ``False`` turns a mismatch into a

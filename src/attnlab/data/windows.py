@@ -12,11 +12,16 @@ from torch.utils.data import Dataset, DistributedSampler
 
 def sliding_windows(start: int, end: int, context: int, stride: int) -> np.ndarray:
     """Scored target ranges ``[a, b)`` (shape ``(windows, 2)``) covering ``[max(start, 1), end)``
-    exactly once: the first window scores up to ``context`` targets, each later one ``stride``."""
+    exactly once, ``stride`` targets per window (``min(stride, context)``).
+
+    The first window is no different from the others: its context reaches back before ``start``
+    (:class:`SlidingWindowDataset`), so with ``stride = 1`` every byte is predicted from the
+    ``context`` bytes before it (fewer only at the start of the file)."""
     p0 = max(start, 1)
     if p0 >= end:
         return np.zeros((0, 2), dtype=np.int64)
-    ends = [min(p0 + context, end)]
+    stride = min(stride, context)
+    ends = [min(p0 + stride, end)]
     while ends[-1] < end:
         ends.append(min(ends[-1] + stride, end))
     b = np.asarray(ends, dtype=np.int64)
