@@ -127,3 +127,55 @@ def test_roles_come_from_flags_so_a_new_variant_is_measured():
     assert mine["met"] and abs(mine["value"] - 1.2) < 1e-9
     assert rows["generation: sdpa recompute / KV cache at 1024"]["value"] == 9.0
     assert "causal mine time 8192 / 1024" in rows  # chunked: scaling targets enrolled
+
+
+def test_blocks_modern_row_is_the_default_model_block():
+    """The bench's ``modern`` row is built from conf/model/modern.yaml, so it cannot drift from
+    the block users train by default."""
+    from omegaconf import OmegaConf
+
+    from attnlab.bench.blocks import block_options, build
+    from attnlab.paths import CONF_DIR
+
+    cfg = OmegaConf.load(CONF_DIR / "model" / "modern.yaml")
+    opts = block_options("modern")
+    for key in ("norm", "ffn", "positions", "prenorm", "bias"):
+        assert opts[key] == cfg[key]
+    assert not {"d_model", "n_layers", "n_heads", "dropout", "_target_"} & set(opts)
+    shape = {"layers": 1, "heads": 2, "d_model": 16, "context": 8, "batch": 1}
+    attn = build("modern", shape, 32).backbone.blocks[0].attention
+    assert (attn.qkv.bias is None) == (cfg.bias is False)
+
+
+def test_blocks_rounds_visit_every_order(monkeypatch):
+    """Each row follows each other row equally often (orders cycle through the permutations)."""
+    import attnlab.bench.blocks as blocks
+
+    calls: list[str] = []
+
+    def fake_make_step(model, device, dtype):
+        name = model.row
+
+        def step(x, y):
+            calls.append(name)
+            return torch.tensor(1.0)
+
+        return step
+
+    real_build = blocks.build
+
+    def tagged_build(row, shape, vocab):
+        m = real_build(row, shape, vocab)
+        m.row = row
+        return m
+
+    monkeypatch.setattr(blocks, "make_step", fake_make_step)
+    monkeypatch.setattr(blocks, "build", tagged_build)
+    shape = {"layers": 1, "heads": 2, "d_model": 16, "context": 8, "batch": 1}
+    s = {"vocab_size": 32, "rows": ["reference", "modern", "nanogpt_like"], "steps": 1,
+         "settle": 0, "warmup": 0, "rounds": 6}  # fmt: skip
+    blocks.compare(shape, s, torch.device("cpu"), torch.float32, log=lambda *a: None)
+    rounds = [tuple(calls[i : i + 3]) for i in range(0, len(calls), 3)]
+    assert len(set(rounds)) == 6  # all 3! orders
+    follows = [(a, b) for r in rounds for a, b in zip(r, r[1:])]
+    assert len({follows.count(p) for p in set(follows)}) == 1  # every ordered pair alike

@@ -7,17 +7,22 @@ Three causal language models of the same size (``L`` layers, ``H`` heads, width 
   (github.com/karpathy/nanoGPT): pre-norm ``LayerNorm`` without bias, causal
   ``F.scaled_dot_product_attention`` with one ``c_attn`` ``C -> 3C`` projection, a GELU MLP
   ``C -> 4C -> C``, learned positions, no biases anywhere, LM head tied to the token embedding;
-- ``modern``: attnlab's default block (``conf/model/modern.yaml``: pre-norm RMSNorm, SwiGLU,
-  RoPE) around ``conf/attention/softmax.yaml``, built by :class:`attnlab.models.Backbone`;
+- ``modern``: attnlab's default block, with the block options of ``conf/model/modern.yaml``
+  (pre-norm RMSNorm, SwiGLU, RoPE, no biases) around ``conf/attention/softmax.yaml``, built by
+  :class:`attnlab.models.Backbone`;
 - ``nanogpt_like``: attnlab's ``Backbone`` with pre-norm LayerNorm, ReLU MLP 4x and learned
   positions (attnlab's defaults otherwise: biases on the attention and MLP projections).
 
 One training step = forward, cross-entropy, backward, ``clip_grad_norm_(1.0)``, ``AdamW.step``,
 ``zero_grad`` (dropout 0). FLOPs per token = ``6 N + 12 L H d T`` (Kaplan et al. 2020, as in
 nanoGPT's ``estimate_mfu``; ``d = C / H``, ``N`` = parameters without position embeddings, tied
-weights once). Rounds interleave the models (the starting model rotates each round); each round
-times ``steps`` steps per model after ``warmup`` untimed ones in the first round; the ratios are
-medians of per-round ratios, so a machine that slows down during a round slows every model of it.
+weights once). Rounds interleave the models, in every order in turn (``itertools.permutations``,
+so each model follows each other one equally often: a model that leaves the caches or the
+allocator in a state that slows the next one slows every row alike); in each round a model runs
+``settle`` untimed steps and then ``steps`` timed ones (``warmup`` untimed steps per model come
+first); the ratios are medians of per-round ratios, so a machine that slows down during a round
+slows every model of it. Two identical reference models measured this way on a shared 2-core
+CPU differ by about 2 % (the resolution of one run).
 
 CPU: fp32, ``threads`` torch threads. CUDA: ``torch.autocast`` bf16 (parameters fp32, as
 Lightning's ``bf16-mixed``), SDPA restricted to the flash backend, ``torch.cuda.synchronize``
@@ -27,6 +32,7 @@ around each timed window.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import statistics
 import time
@@ -41,12 +47,28 @@ from torch.nn import functional as F
 from attnlab.attention import SoftmaxAttention
 from attnlab.models import Backbone, LanguageModel
 
-#: ``Backbone`` settings of the attnlab rows.
-ATTNLAB_BLOCKS: dict[str, dict[str, Any]] = {
-    "modern": {"norm": "rmsnorm", "ffn": "swiglu", "positions": "rope", "prenorm": True},
+#: ``Backbone`` settings of the attnlab rows; ``None``: the block options of
+#: ``conf/model/<row>.yaml`` (:func:`block_options`), so the row is the default model's block.
+ATTNLAB_BLOCKS: dict[str, dict[str, Any] | None] = {
+    "modern": None,
     "nanogpt_like": {"norm": "layernorm", "ffn": "relu", "positions": "learned", "prenorm": True},
 }
 ROWS = ("reference", *ATTNLAB_BLOCKS)
+#: keys of a model config that are not block options: sizes, dropout, builder keys
+_NOT_BLOCK_KEYS = {"_target_", "_partial_", "compile", "d_model", "n_layers", "n_heads", "dropout"}
+
+
+def block_options(row: str) -> dict[str, Any]:
+    """``Backbone`` keyword arguments (norm, FFN, positions, biases, ...) of an attnlab row."""
+    options = ATTNLAB_BLOCKS[row]
+    if options is not None:
+        return dict(options)
+    from omegaconf import OmegaConf
+
+    from attnlab.paths import CONF_DIR
+
+    cfg = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "model" / f"{row}.yaml"))
+    return {k: v for k, v in cfg.items() if k not in _NOT_BLOCK_KEYS}
 
 
 # --------------------------------------------------------------------------- the reference
@@ -119,7 +141,7 @@ def build(row: str, shape: dict[str, int], vocab_size: int) -> nn.Module:
     attention = partial(SoftmaxAttention, head_dim=None, dropout=0.0)  # conf/attention/softmax
     backbone = Backbone(
         vocab_size, attention, d_model=c, n_layers=n_layers, n_heads=h, max_len=t, causal=True,
-        dropout=0.0, **ATTNLAB_BLOCKS[row],
+        dropout=0.0, **block_options(row),
     )  # fmt: skip
     return LanguageModel(backbone, vocab_size, tie_embeddings=True)
 
@@ -218,9 +240,12 @@ def compare(
             compile_s[row] = time.perf_counter() - t0
     per_round: dict[str, list[float]] = {row: [] for row in rows}
     losses: dict[str, float] = {}
+    orders = list(itertools.permutations(rows))  # every row follows every other equally often
+    settle = int(s.get("settle", 0))
     for r in range(int(s["rounds"])):
-        order = rows[r % len(rows) :] + rows[: r % len(rows)]
-        for row in order:
+        for row in orders[r % len(orders)]:
+            for i in range(settle):  # untimed: the row's caches and allocator in steady state
+                steps[row](*batches[i % n_batches])
             _sync(device)
             t0 = time.perf_counter()
             for i in range(int(s["steps"])):
