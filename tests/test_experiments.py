@@ -25,7 +25,7 @@ from tests.test_train import TINY_ENWIK8, TINY_MODEL
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = [o for o in TINY_MODEL + TINY_ENWIK8 if not o.startswith("task.data.limit_val_bytes")]
-TINY += ["task.data.limit_val_bytes=310"]  # 19 sliding windows: odd, so DDP ranks get 10 + 9
+TINY += ["task.data.limit_val_bytes=300"]  # 19 sliding windows: odd, so DDP ranks get 10 + 9
 needs_data = pytest.mark.skipif(default_data_dir() is None, reason="needs ../shared/data")
 
 
