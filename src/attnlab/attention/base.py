@@ -299,9 +299,11 @@ class QKVAttention(Attention):
     def project(self, x: Tensor, offset: int = 0) -> tuple[Tensor, Tensor, Tensor]:
         """``x: (b, n, D)`` -> q, k, v each ``(b, h, n, d)``, RoPE applied to q and k.
 
-        With RoPE on float32/float64 inputs in eager mode (no autocast, not compiling) the
-        projection's q and k rows are taken in :func:`~attnlab.layers.rope_pair_order`
-        (``qkv.weight`` itself is unchanged) and rotated by one complex multiplication
+        With RoPE on float32/float64 CPU/CUDA inputs in eager mode (no autocast, not
+        compiling; :meth:`_pair_path`) the projection's q and k rows are taken in
+        :func:`~attnlab.layers.rope_pair_order` (``qkv.weight`` itself is unchanged; the
+        ``qkv`` module's forward and its hooks are not called) and rotated by one complex
+        multiplication
         (:meth:`~attnlab.layers.RotaryEmbedding.rotate_qkv`): q and k then come out with their
         coordinates permuted within each head, ``(0, d/2, 1, d/2+1, ...)``, the same
         permutation for both, so every ``q · k`` (and every output) is that of the half layout.
@@ -319,10 +321,12 @@ class QKVAttention(Attention):
 
     @staticmethod
     def _pair_path(x: Tensor) -> bool:
-        """Whether :meth:`project` rotates by complex multiplication: a float32/float64 input,
-        eager mode, no autocast on its device (complex views need float32/float64)."""
+        """Whether :meth:`project` rotates by complex multiplication: a float32/float64 input on
+        the CPU or CUDA, eager mode, no autocast on its device (complex views need
+        float32/float64; other backends' complex support varies)."""
         return (
-            x.dtype in (torch.float32, torch.float64)
+            x.device.type in ("cpu", "cuda")
+            and x.dtype in (torch.float32, torch.float64)
             and not torch.is_autocast_enabled(x.device.type)
             and not torch.compiler.is_compiling()
         )
