@@ -121,29 +121,27 @@ class GELUFeedForward(FeedForward):
 class _SwiGLUGate(torch.autograd.Function):
     """``silu(a) * b`` for ``ab = [a | b]`` (``(..., 2H) -> (..., H)``), one autograd node.
 
-    Autograd's version ends its backward with a ``cat`` of the two halves' gradients (the
-    backward of ``chunk``); this writes both gradients, in place, into one ``(..., 2H)`` buffer.
-    Saves ``ab`` and ``silu(a)`` (so the backward does not compute it again):
-    ``dL/db = g silu(a)``, ``dL/da = silu'(a) g b`` (``aten.silu_backward``).
+    Autograd's version saves ``silu(a)`` besides ``a`` and ``b`` and ends its backward with a
+    ``cat`` of the two halves' gradients (the backward of ``chunk``); this saves only ``ab`` and
+    writes both gradients, in place, into one ``(..., 2H)`` buffer.
     """
 
     @staticmethod
     def forward(ctx: Any, ab: Tensor) -> Tensor:
         a, b = ab.chunk(2, dim=-1)
-        silu_a = F.silu(a)
-        ctx.save_for_backward(ab, silu_a)
-        return silu_a * b
+        ctx.save_for_backward(ab)
+        return F.silu(a).mul_(b)
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad: Tensor) -> Tensor:
-        ab, silu_a = ctx.saved_tensors
+        (ab,) = ctx.saved_tensors
         a, b = ab.chunk(2, dim=-1)
         out = torch.empty_like(ab)
         grad_a, grad_b = out.chunk(2, dim=-1)
-        torch.mul(grad, silu_a, out=grad_b)
-        torch.mul(grad, b, out=grad_a)  # g * b, then times silu'(a), in place
+        torch.mul(grad, b, out=grad_a)  # g * b, then d silu(a)/da in place: d/da
         torch.ops.aten.silu_backward.grad_input(grad_a, a, grad_input=grad_a)
+        torch.ops.aten.silu.out(a, out=grad_b).mul_(grad)  # d/db = g * silu(a)
         return out
 
 
