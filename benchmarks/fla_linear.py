@@ -2,6 +2,12 @@
 
     python benchmarks/fla_linear.py                       # n = 2k..16k, bf16 and fp32
     python benchmarks/fla_linear.py --lengths 2048 4096 --dtypes bf16 --batch 1
+    python benchmarks/fla_linear.py --warmup-only --dtypes fp32   # compile + autotune only
+
+Triton compiles and autotunes fla's kernels on their first call for each dtype (about 120
+configurations for forward + backward); the time of that first call is printed per dtype
+(``compile s``) and is not in the timings. ``--warmup-only`` makes only that first call, to fill
+Triton's on-disk cache from parallel processes before the timed run.
 
 Needs CUDA and ``pip install flash-linear-attention`` (or ``fla-core``; brings Triton). On a
 machine without CUDA or without fla it prints why and exits with status 1.
@@ -12,11 +18,12 @@ What is compared (both on the same features, forward + backward, median of ``--r
   ``chunk_size`` 64) on ``phi(q), phi(k), v`` in float32, as ``LinearAttention`` runs it under
   bf16 autocast (its sums stay float32): ``out_i = sum_{j<=i} (phi_i·phi_j) v_j /
   (sum_{j<=i} phi_i·phi_j + eps)``, eps 1e-6 (Katharopoulos et al. 2020, eq. 9);
-- fla: ``fla.ops.linear_attn.chunk_linear_attn(q, k, v, scale=1.0, normalize=False)`` on the
-  same ``phi(q), phi(k), v`` in ``--dtypes`` (fla applies no feature map of its own), which gives
-  the *numerator* ``sum_{j<=i} (phi_i·phi_j) v_j``; the denominator ``phi_i · cumsum_j phi_j +
-  eps`` is computed here in float32 (one cumsum) and divides it. fla's own ``normalize=True``
-  would scale q by ``scale`` and add 1e-5, so it is not used. Layout ``[B, T, H, K]``.
+- fla: :func:`attnlab.attention.linear.fla_causal_linear_attention` (what ``attention.kernel=fla``
+  runs): ``fla.ops.linear_attn.chunk_linear_attn(q, k, v, scale=1.0, normalize=False)`` on the
+  same ``phi(q), phi(k), v`` in ``--dtypes`` (fla applies no feature map of its own) gives the
+  *numerator* ``sum_{j<=i} (phi_i·phi_j) v_j``; the denominator ``phi_i · cumsum_j phi_j + eps``
+  is one cumsum in float32. ``LinearAttention`` calls it with float32 features (the
+  ``fp32`` rows); fla's ``tl.dot`` runs float32 as TF32. Layout ``[B, T, H, K]``.
 
 max |diff| is against a float64 evaluation of the same formula (attnlab's chunked function in
 float64) on the forward output, for both implementations; the table also gives fla vs attnlab.
@@ -25,7 +32,6 @@ float64) on the forward output, for both implementations; the table also gives f
 from __future__ import annotations
 
 import argparse
-import inspect
 import statistics
 import sys
 import time
@@ -33,7 +39,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from attnlab.attention.linear import causal_linear_attention
+from attnlab.attention.linear import causal_linear_attention, fla_causal_linear_attention
 
 
 def _fla():
@@ -42,20 +48,15 @@ def _fla():
     except Exception as err:  # ImportError, or Triton failing to initialise
         sys.exit(
             f"flash-linear-attention is not importable ({type(err).__name__}: {err}); "
-            "pip install flash-linear-attention (CUDA + Triton) and rerun."
+            "pip install 'attnlab[fla]' (fla-core; CUDA + Triton) and rerun."
         )
     return chunk_linear_attn
 
 
 def fla_causal(fn, q, k, v, eps: float = 1e-6):
-    """fla numerator / float32 denominator; q, k, v ``(B, T, H, K)``."""
-    kwargs = {"scale": 1.0, "normalize": False}
-    if "head_first" in inspect.signature(fn).parameters:
-        kwargs["head_first"] = False
-    num = fn(q, k, v, **kwargs)
-    num = num[0] if isinstance(num, tuple) else num
-    den = (q.float() * k.float().cumsum(1)).sum(-1, keepdim=True) + eps  # (B, T, H, 1)
-    return num.float() / den
+    """attnlab's fla path on ``(B, T, H, K)`` inputs (transposed to ``(B, H, T, K)``)."""
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    return fla_causal_linear_attention(q, k, v, eps, kernel=fn).transpose(1, 2)
 
 
 def attnlab_causal(q, k, v, eps: float = 1e-6):
@@ -89,11 +90,24 @@ def main() -> None:
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup-only", action="store_true", help="compile + autotune, no timings")
     args = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("benchmarks/fla_linear.py needs a CUDA GPU (fla's kernels are Triton); none here.")
+    t0 = time.perf_counter()
     fla = _fla()
     dev = torch.device("cuda")
+    print(f"import fla: {time.perf_counter() - t0:.1f} s", flush=True)
+    for name in args.dtypes:  # first call per dtype: Triton compiles and autotunes
+        dtype = torch.bfloat16 if name == "bf16" else torch.float32
+        shape = (args.batch, 256, args.heads, args.head_dim)
+        q, k, v = (torch.rand(shape, device=dev, dtype=dtype, requires_grad=True) for _ in "qkv")
+        t0 = time.perf_counter()
+        fla_causal(fla, q, k, v).sum().backward()
+        torch.cuda.synchronize()
+        print(f"compile s ({name}, fwd+bwd first call): {time.perf_counter() - t0:.1f}", flush=True)
+    if args.warmup_only:
+        return
     print(f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}, "
           f"B={args.batch} H={args.heads} d={args.head_dim}, fwd+bwd, median of {args.repeats}")  # fmt: skip
     print(

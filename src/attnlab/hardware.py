@@ -140,9 +140,23 @@ def cuda_name() -> str | None:
         return "CUDA device"
 
 
+def fla_version() -> str | None:
+    """flash-linear-attention's version (``fla-core``) when installed, else None: whether
+    ``attention.kernel=auto`` can run causal linear attention on its kernel."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    for dist in ("fla-core", "flash-linear-attention"):
+        try:
+            return version(dist)
+        except PackageNotFoundError:
+            continue
+    return None
+
+
 def machine_info(device_type: str = "cpu") -> dict[str, Any]:
-    """What a result was measured on: CPU model, ATen CPU capability, native bf16, cores, the
-    GPU name (CUDA runs), torch version. Recorded in ``summary.json``, W&B and bench JSON."""
+    """What a result was measured on: CPU model, ATen CPU capability, native bf16, cores, torch
+    version; on CUDA runs also the GPU name and the installed flash-linear-attention version
+    (``fla``, None when absent). Recorded in ``summary.json``, W&B and bench JSON."""
     info: dict[str, Any] = {
         "cpu": cpu_model(),
         "cpu_capability": cpu_capability(),
@@ -153,6 +167,7 @@ def machine_info(device_type: str = "cpu") -> dict[str, Any]:
     if device_type == "cuda":
         info["gpu"] = cuda_name()
         info["gpu_bf16"] = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+        info["fla"] = fla_version()
     return info
 
 

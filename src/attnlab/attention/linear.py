@@ -38,11 +38,25 @@ Implementation notes (pitfalls recorded in DESIGN.md):
   inside a chunk, plus the running state ``S`` from earlier chunks. Peak
   memory is ``O(n·C + (n/C)·d²)`` per head instead of ``O(n·d²)``.
 
+Kernels for the causal form (``attention.kernel``):
+
+- ``torch`` (default): :func:`causal_linear_attention`, the chunked form above, on any device;
+- ``fla``: the numerator from flash-linear-attention's chunked Triton kernel
+  (``fla.ops.linear_attn.chunk_linear_attn``, Yang et al., fla-org; ``pip install
+  'attnlab[fla]'``), CUDA only, :func:`fla_causal_linear_attention`. Its ``tl.dot`` runs
+  float32 inputs as TF32 on NVIDIA GPUs, so it can agree with ``torch`` only to TF32
+  precision (10 mantissa bits, unit roundoff 2^-11 ≈ 4.9e-4), not to float32's;
+- ``auto``: ``fla`` when the input is on CUDA and fla is importable, else ``torch``.
+
+The non-causal form is two matrix products and always runs in torch.
+
 Legend: b batch, n seq, c chunks, C chunk_size, h heads, d head_dim, D d_model.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -95,6 +109,54 @@ def causal_linear_attention(
     return out.reshape(b, h, c * size, e)[:, :, :n]
 
 
+#: the values of ``attention.kernel`` (module docstring)
+KERNELS = ("auto", "torch", "fla")
+
+
+@functools.cache
+def fla_kernel() -> Callable[..., Any] | None:
+    """flash-linear-attention's ``chunk_linear_attn``, or None when it cannot be imported
+    (not installed, or Triton failing to initialise, e.g. on a machine without CUDA)."""
+    try:
+        from fla.ops.linear_attn import chunk_linear_attn
+    except Exception:  # ImportError, or Triton/driver errors raised at import
+        return None
+    return chunk_linear_attn
+
+
+def fla_causal_linear_attention(
+    q: Tensor, k: Tensor, v: Tensor, eps: float = 1e-6, kernel: Callable[..., Any] | None = None
+) -> Tensor:
+    """Causal linear attention (eq. 10-12) with the numerator from flash-linear-attention's
+    chunked kernel: q, k ``(b, h, n, d)`` (phi already applied), v ``(b, h, n, e)`` ->
+    ``(b, h, n, e)``, the same quantity as :func:`causal_linear_attention`.
+
+    ``chunk_linear_attn(q, k, v, scale=1.0, normalize=False)`` gives the numerator
+    ``sum_{j<=i} (q_i·k_j) v_j`` in its ``(b, n, h, d)`` layout; the denominator
+    ``q_i · sum_{j<=i} k_j + eps`` is one cumulative sum here, in float32 (float64 for float64
+    inputs) whatever the inputs' dtype, since a sum over the sequence overflows half precision;
+    so is the result. fla's own
+    ``normalize=True`` would use its ``eps`` of 1e-5 rather than ``eps``.
+
+    Args:
+        kernel: the ``chunk_linear_attn`` to call; default :func:`fla_kernel`.
+
+    Raises:
+        RuntimeError: flash-linear-attention is not importable.
+    """
+    fn = kernel or fla_kernel()
+    if fn is None:
+        raise RuntimeError(
+            "flash-linear-attention is not importable: pip install 'attnlab[fla]' (needs CUDA "
+            "and Triton), or set attention.kernel=torch."
+        )
+    qt, kt, vt = (t.transpose(1, 2).contiguous() for t in (q, k, v))  # (b, n, h, .)
+    num, _ = fn(qt, kt, vt, scale=1.0, normalize=False)
+    acc = torch.promote_types(qt.dtype, torch.float32)  # float64 stays float64
+    den = (qt.to(acc) * kt.to(acc).cumsum(dim=1)).sum(-1, keepdim=True) + eps  # (b, n, h, 1)
+    return (num.to(acc) / den).transpose(1, 2)
+
+
 def linear_attention_step(
     q: Tensor, k: Tensor, v: Tensor, state: tuple[Tensor, Tensor] | None = None, eps: float = 1e-6
 ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
@@ -138,8 +200,12 @@ class LinearAttention(Attention):
             weights to drop (module docstring).
         rope, rope_theta: RoPE is refused (``uses_qk = False``): similarity is
             phi(q)·phi(k), not q·k.
-        chunk_size: chunk length C of the causal prefix sums.
+        chunk_size: chunk length C of the causal prefix sums (``torch`` kernel).
         eps: added to the denominator.
+        kernel: ``auto``, ``torch`` or ``fla``: what computes the causal form (module
+            docstring). ValueError at build time for another value, for ``fla`` without
+            ``causal``, and for ``fla`` when flash-linear-attention is not importable;
+            RuntimeError at the first forward for ``fla`` on an input not on CUDA.
 
     ``has_weights`` is True: the implicit weights ``A`` of the module docstring.
     Override :meth:`feature_map` to change phi; the output, the weights and the
@@ -157,20 +223,57 @@ class LinearAttention(Attention):
         head_dim: int | None = None,
         chunk_size: int = 64,
         eps: float = 1e-6,
+        kernel: str = "torch",
         **kw: Any,
     ) -> None:
         super().__init__(d_model, n_heads, head_dim, **kw)
         if chunk_size <= 0:
             raise ValueError(f"attention.chunk_size must be positive, got {chunk_size}.")
+        if kernel not in KERNELS:
+            raise ValueError(
+                f"attention.kernel={kernel!r} is not one of {', '.join(KERNELS)} (auto: "
+                "flash-linear-attention on CUDA when installed, else torch)."
+            )
+        if kernel == "fla" and not self.causal:
+            raise ValueError(
+                "attention.kernel=fla applies to causal linear attention only (the non-causal "
+                "form is two matrix products in torch); use attention.kernel=auto or torch."
+            )
+        if kernel == "fla" and fla_kernel() is None:
+            raise ValueError(
+                "attention.kernel=fla, but flash-linear-attention is not importable: "
+                "pip install 'attnlab[fla]' (needs CUDA and Triton), or use attention.kernel="
+                "auto (fla where it can run) or torch."
+            )
         if self.dropout > 0:
             raise ValueError(
                 f"attention.dropout={self.dropout} is not available for linear attention: "
                 "attention.dropout drops attention weights, which linear attention never "
                 "forms. Set attention.dropout=0 (use model.dropout for residual dropout)."
             )
-        self.chunk_size, self.eps = chunk_size, eps
+        self.chunk_size, self.eps, self.kernel = chunk_size, eps, kernel
         self.qkv = nn.Linear(d_model, 3 * self.inner_dim, bias=self.bias)
         self.out = nn.Linear(self.inner_dim, d_model, bias=self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, kernel={self.kernel}"
+
+    def uses_fla(self, x: Tensor) -> bool:
+        """Whether the causal form of this input runs on flash-linear-attention's kernel.
+
+        Raises:
+            RuntimeError: ``kernel='fla'`` and ``x`` is not on CUDA.
+        """
+        if not self.causal or self.kernel == "torch":
+            return False
+        if self.kernel == "fla":
+            if x.device.type != "cuda":
+                raise RuntimeError(
+                    f"attention.kernel=fla runs on CUDA only, but the input is on {x.device}; "
+                    "use attention.kernel=auto (torch off CUDA) or torch."
+                )
+            return True
+        return x.device.type == "cuda" and fla_kernel() is not None
 
     def feature_map(self, x: Tensor) -> Tensor:
         """phi, applied to q and k ``(b, h, n, d)``: :func:`elu_feature_map` (eq. 7)."""
@@ -211,7 +314,9 @@ class LinearAttention(Attention):
         q, k, v = self.features(x, padding_mask)
         weights = None
         with torch.autocast(device_type=x.device.type, enabled=False):
-            if self.causal:
+            if self.uses_fla(x):
+                out = fla_causal_linear_attention(q, k, v, self.eps)
+            elif self.causal:
                 out = causal_linear_attention(q, k, v, self.chunk_size, self.eps)
             else:
                 out = linear_attention(q, k, v, self.eps)
