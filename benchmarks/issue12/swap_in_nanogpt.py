@@ -2,6 +2,11 @@
 """Scratch measurement behind a figure in benchmarks/README.md (issue 12, second session); run from
 the repo root with .venv/bin/python, as AVX2: ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2. Kept as it was run."""
 
+import os, ctypes
+
+if os.environ.get("MALLOPT"):  # third session: glibc mmap/trim thresholds raised (no page faults)
+    libc = ctypes.CDLL("libc.so.6")
+    print("mallopt", libc.mallopt(-3, 1 << 30), libc.mallopt(-1, (1 << 31) - 1))
 import sys, time, statistics, torch, math
 import torch.nn.functional as F
 from torch import nn
