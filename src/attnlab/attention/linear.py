@@ -134,9 +134,9 @@ def fla_causal_linear_attention(
     ``chunk_linear_attn(q, k, v, scale=1.0, normalize=False)`` gives the numerator
     ``sum_{j<=i} (q_i·k_j) v_j`` in its ``(b, n, h, d)`` layout; the denominator
     ``q_i · sum_{j<=i} k_j + eps`` is one cumulative sum here, in float32 (float64 for float64
-    inputs) whatever the inputs' dtype, since a sum over the sequence overflows half precision;
-    so is the result. fla's own
-    ``normalize=True`` would use its ``eps`` of 1e-5 rather than ``eps``.
+    inputs) whatever the inputs' dtype, since a sum over the sequence loses its precision in
+    bf16/fp16; the result has that dtype too. fla's own ``normalize=True`` would use its ``eps``
+    of 1e-5 rather than ``eps``.
 
     Args:
         kernel: the ``chunk_linear_attn`` to call; default :func:`fla_kernel`.
