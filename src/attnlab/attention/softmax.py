@@ -20,9 +20,12 @@ Legend: b batch, n queries, m keys, h heads, d head_dim, D d_model.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch.nn.functional as F
 from torch import Tensor
 
+from attnlab.attention import causal_chunks
 from attnlab.attention.base import QKVAttention
 
 
@@ -41,7 +44,43 @@ class SoftmaxAttention(QKVAttention):
         rope: apply rotary position embeddings to q and k.
         bias: bias terms in the q/k/v and output projections.
         rope_theta: RoPE base θ.
+        cpu_causal_chunks: on the CPU, compute the backward of causal attention of 256 to
+            ``chunk_max_len`` tokens in 4 query chunks that skip the masked triangle
+            (:mod:`attnlab.attention.causal_chunks`; the forward is SDPA's own kernel call, the
+            gradients equal SDPA's to float rounding). ``False``: always
+            ``F.scaled_dot_product_attention``.
+        chunk_max_len: longest sequence chunked (512: torch 2.13's CPU kernel was measured
+            slower than the chunks at 256 and 512 tokens, and about even from 768).
+
+    Raises ValueError for a ``chunk_max_len`` that is not a positive integer.
     """
+
+    #: fewest queries per chunk of :mod:`~attnlab.attention.causal_chunks`
+    chunk_min: int = 64
+
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        head_dim: int | None = None,
+        cpu_causal_chunks: bool = True,
+        chunk_max_len: int = 512,
+        **kw: Any,
+    ) -> None:
+        super().__init__(d_model, n_heads, head_dim, **kw)
+        if not isinstance(chunk_max_len, int) or chunk_max_len <= 0:
+            raise ValueError(
+                f"attention.chunk_max_len must be a positive integer, got {chunk_max_len!r}."
+            )
+        self.cpu_causal_chunks, self.chunk_max_len = bool(cpu_causal_chunks), chunk_max_len
+
+    def causal_chunk(self, n: int) -> int:
+        """Queries per backward chunk for a causal sequence of ``n`` tokens: ``ceil(n / 4)``,
+        or 0 (SDPA's backward in one call) when chunking is off or ``n`` is not in
+        ``[4 * chunk_min, chunk_max_len]`` (shorter sequences measured no faster in chunks)."""
+        if not self.cpu_causal_chunks or not 4 * self.chunk_min <= n <= self.chunk_max_len:
+            return 0
+        return -(-n // 4)
 
     @property
     def fused(self) -> bool:
@@ -69,5 +108,9 @@ class SoftmaxAttention(QKVAttention):
         if causal and mask is None and q.shape[-2] != k.shape[-2]:
             return super().attend(q, k, v, mask, causal, need_weights)  # SDPA aligns to the start
         p = self.dropout if self.training else 0.0
+        if causal and mask is None:
+            chunk = self.causal_chunk(q.shape[-2])
+            if chunk and causal_chunks.applies(q, k, chunk, p):
+                return causal_chunks.causal_attention(q, k, v, chunk), None
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal)
         return out, None
