@@ -37,7 +37,7 @@ def fwd_chunk():
             v[:, :, :e],
             0.0,
             s == 0,
-            attn_mask=None if s == 0 else _diagonal_mask(s, e, e, q.dtype),
+            attn_mask=None if s == 0 else _diagonal_mask(s, e, q.dtype),
         )
 
 
@@ -52,7 +52,7 @@ def bwd_chunk():
             l[:, :, s:e],
             0.0,
             s == 0,
-            attn_mask=None if s == 0 else _diagonal_mask(s, e, e, q.dtype),
+            attn_mask=None if s == 0 else _diagonal_mask(s, e, q.dtype),
         )
 
 

@@ -39,7 +39,7 @@ def qchunk():
             l[:, :, s:e],
             0.0,
             s == 0,
-            attn_mask=None if s == 0 else _diagonal_mask(s, e, e, q.dtype),
+            attn_mask=None if s == 0 else _diagonal_mask(s, e, q.dtype),
         )
         dq[:, :, s:e] = gq
         if dk is None:

@@ -31,11 +31,13 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from attnlab.attention.base import causal_mask
+
 _ops = torch.ops.aten
 _HAVE_KERNEL = hasattr(_ops, "_scaled_dot_product_flash_attention_for_cpu") and hasattr(
     _ops, "_scaled_dot_product_flash_attention_for_cpu_backward"
 )
-_MASKS: dict[tuple[int, int, int, torch.dtype], Tensor] = {}
+_MASKS: dict[tuple[int, int, torch.dtype], Tensor] = {}
 
 
 def applies(q: Tensor, k: Tensor, chunk: int, dropout_p: float) -> bool:
@@ -54,16 +56,16 @@ def applies(q: Tensor, k: Tensor, chunk: int, dropout_p: float) -> bool:
     )
 
 
-def _diagonal_mask(start: int, stop: int, keys: int, dtype: torch.dtype) -> Tensor:
-    """Additive mask ``(stop - start, keys)``: 0 where key ``j <= i`` for query ``i`` in
-    ``[start, stop)``, ``-inf`` elsewhere (cached; a constant)."""
-    key = (start, stop, keys, dtype)
+def _diagonal_mask(start: int, stop: int, dtype: torch.dtype) -> Tensor:
+    """Additive mask ``(stop - start, stop)`` of the queries ``[start, stop)`` over the keys
+    ``[0, stop)``: 0 where :func:`~attnlab.attention.base.causal_mask` (queries aligned to the end
+    of the keys) lets a query attend, ``-inf`` elsewhere (cached; a constant)."""
+    key = (start, stop, dtype)
     mask = _MASKS.get(key)
     if mask is None:
         with torch.inference_mode(False), torch.no_grad():
-            rows = torch.arange(start, stop)[:, None]
-            mask = torch.zeros(stop - start, keys, dtype=dtype)
-            mask.masked_fill_(torch.arange(keys)[None, :] > rows, float("-inf"))
+            mask = torch.zeros(stop - start, stop, dtype=dtype)
+            mask.masked_fill_(~causal_mask(stop - start, stop), float("-inf"))
         if len(_MASKS) > 256:
             _MASKS.clear()
         _MASKS[key] = mask
@@ -101,7 +103,7 @@ class _ChunkedCausal(torch.autograd.Function):
         for i in reversed(range(len(bounds))):  # the last chunk sees every key: it writes first
             start, stop = bounds[i]
             first = start == 0
-            mask = None if first else _diagonal_mask(start, stop, stop, q.dtype)
+            mask = None if first else _diagonal_mask(start, stop, q.dtype)
             gq, gk, gv = _ops._scaled_dot_product_flash_attention_for_cpu_backward(
                 grad[:, :, start:stop], q[:, :, start:stop], k[:, :, :stop], v[:, :, :stop],
                 out[:, :, start:stop], lse[:, :, start:stop], 0.0, first, attn_mask=mask,
