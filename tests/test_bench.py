@@ -179,3 +179,14 @@ def test_blocks_rounds_visit_every_order(monkeypatch):
     assert len(set(rounds)) == 6  # all 3! orders
     follows = [(a, b) for r in rounds for a, b in zip(r, r[1:])]
     assert len({follows.count(p) for p in set(follows)}) == 1  # every ordered pair alike
+
+
+def test_bench_rejects_an_unknown_blocks_row_before_measuring(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "attnlab.cli", "bench", f"bench.out_dir={tmp_path}",
+         "bench.parts=[blocks]", "bench.blocks.rows=[reference,gpt5]"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert "bench.blocks.rows" in proc.stderr + proc.stdout and "gpt5" in proc.stderr + proc.stdout
+    assert not (tmp_path / "bench.json").exists()

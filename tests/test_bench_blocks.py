@@ -26,16 +26,22 @@ def test_reference_is_nanogpt_shaped_and_sizes_match():
 
 
 def test_compare_rows_ratios_and_table():
-    s = {"vocab_size": 64, "rows": ["modern", "nanogpt_like"], "steps": 2, "warmup": 1,
-         "rounds": 3}  # fmt: skip
+    s = {"vocab_size": 64, "rows": ["modern", "nanogpt_like", "reference_control"], "steps": 2,
+         "warmup": 1, "rounds": 3}  # fmt: skip
     lines = []
     res = blocks.compare(SHAPE, s, torch.device("cpu"), torch.float32, log=lines.append)
-    assert list(res["rows"]) == ["reference", "modern", "nanogpt_like"]
-    assert res["ratios"]["reference"] == {"tokens": 1.0, "flops": 1.0}
-    for row in res["rows"].values():
+    assert list(res["rows"]) == ["reference", "modern", "nanogpt_like", "reference_control"]
+    assert res["ratios"]["reference"] == {"tokens": 1.0, "flops": 1.0, "tokens_ci": [1.0, 1.0]}
+    for name, row in res["rows"].items():
         assert len(row["rounds_tokens_per_s"]) == 3 and row["tokens_per_s"] > 0
         assert torch.isfinite(torch.tensor(row["loss"]))
+        lo, hi = res["ratios"][name]["tokens_ci"]
+        assert lo <= res["ratios"][name]["tokens"] <= hi
+    control, ref = res["rows"]["reference_control"], res["rows"]["reference"]
+    assert control["params"] == ref["params"]  # the same model, trained on the same batches
+    assert control["loss"] == pytest.approx(ref["loss"], rel=1e-5)
     assert "| L2 H2 C32 T16 B2 | modern |" in lines[0]
+    assert " – " in lines[0].splitlines()[3]  # the interval column is filled
     with pytest.raises(ValueError, match="rows"):
         blocks.build("gpt5", SHAPE, 64)
 
@@ -48,3 +54,23 @@ def test_memory_probe_runs_in_another_process():
         assert isinstance(big, float) and isinstance(small, float)
         assert big > 200 and small < 50
         assert "not measured" in probe(lambda: None)  # a lambda cannot be pickled
+
+
+def test_median_interval_covers_the_median_and_shrinks_with_rounds():
+    g = torch.Generator().manual_seed(1)
+    few = (1.0 + 0.05 * torch.randn(10, generator=g)).tolist()
+    many = (1.0 + 0.05 * torch.randn(400, generator=g)).tolist()
+    lo_f, hi_f = blocks.median_interval(few)
+    lo_m, hi_m = blocks.median_interval(many)
+    import statistics
+
+    assert lo_f <= statistics.median(few) <= hi_f and lo_m <= statistics.median(many) <= hi_m
+    assert lo_m < 1.0 < hi_m  # the true median of N(1, 0.05)
+    assert hi_m - lo_m < (hi_f - lo_f) / 2  # 40x the rounds: a much narrower interval
+    assert blocks.median_interval(few) == (lo_f, hi_f)  # seeded: reproducible from bench.json
+    assert blocks.median_interval([0.97] * 5) == (0.97, 0.97)
+    assert blocks.median_interval([1.2]) == (1.2, 1.2)
+    with pytest.raises(ValueError, match="at least one"):
+        blocks.median_interval([])
+    with pytest.raises(ValueError, match="level"):
+        blocks.median_interval(few, level=1.5)

@@ -90,7 +90,8 @@ def run_bench(cfg: DictConfig) -> dict[str, Any]:
 
     Raises:
         ValueError: ``bench.device`` is not cpu/cuda, or cuda is asked for but absent,
-            or a listed variant has no ``conf/attention`` file.
+            a listed variant has no ``conf/attention`` file, or a ``bench.blocks.rows`` entry
+            is not one of :data:`attnlab.bench.blocks.ROWS`.
     """
     b = settings(cfg)
     parts = list(b.get("parts") or PARTS)
@@ -102,6 +103,10 @@ def run_bench(cfg: DictConfig) -> dict[str, Any]:
         raise ValueError("bench.device=cuda but torch sees no GPU; use bench.device=cpu.")
     device = torch.device(b["device"])
     dtype = getattr(torch, b["dtype"] or ("bfloat16" if device.type == "cuda" else "float32"))
+    if "blocks" in parts:
+        bad_rows = sorted(set(b["blocks"]["rows"]) - set(blocks.ROWS))
+        if bad_rows:
+            raise ValueError(f"bench.blocks.rows: {bad_rows} not in {list(blocks.ROWS)}.")
     names = b["attention"]["variants"] or available("attention")
     unknown = sorted(set(names) - set(available("attention")))
     if unknown:

@@ -11,7 +11,9 @@ Three causal language models of the same size (``L`` layers, ``H`` heads, width 
   (pre-norm RMSNorm, SwiGLU, RoPE, no biases) around ``conf/attention/softmax.yaml``, built by
   :class:`attnlab.models.Backbone`;
 - ``nanogpt_like``: attnlab's ``Backbone`` with pre-norm LayerNorm, ReLU MLP 4x and learned
-  positions (attnlab's defaults otherwise: biases on the attention and MLP projections).
+  positions (attnlab's defaults otherwise: biases on the attention and MLP projections);
+- ``reference_control`` (optional, add it to ``bench.blocks.rows``): a second, identical
+  reference model, an A/A control whose ratio to ``reference`` shows what the run resolves.
 
 One training step = forward, cross-entropy, backward, ``clip_grad_norm_(1.0)``, ``AdamW.step``,
 ``zero_grad`` (dropout 0). FLOPs per token = ``6 N + 12 L H d T`` (Kaplan et al. 2020, as in
@@ -22,7 +24,8 @@ allocator in a state that slows the next one slows every row alike); in each rou
 ``settle`` untimed steps and then ``steps`` timed ones (``warmup`` untimed steps per model come
 first); the ratios are medians of per-round ratios, so a machine that slows down during a round
 slows every model of it. Two identical reference models measured this way on a shared 2-core
-CPU differ by about 2 % (the resolution of one run).
+CPU differ by about 2 % (the resolution of one run). Each ratio comes with a 95 % percentile
+bootstrap interval of that median over the rounds (:func:`median_interval`).
 
 CPU: fp32, ``threads`` torch threads. CUDA: ``torch.autocast`` bf16 (parameters fp32, as
 Lightning's ``bf16-mixed``), SDPA restricted to the flash backend, ``torch.cuda.synchronize``
@@ -34,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -53,7 +57,9 @@ ATTNLAB_BLOCKS: dict[str, dict[str, Any] | None] = {
     "modern": None,
     "nanogpt_like": {"norm": "layernorm", "ffn": "relu", "positions": "learned", "prenorm": True},
 }
-ROWS = ("reference", *ATTNLAB_BLOCKS)
+#: rows built as nanoGPT's model: the reference and its A/A control
+REFERENCE_ROWS = ("reference", "reference_control")
+ROWS = (*REFERENCE_ROWS, *ATTNLAB_BLOCKS)
 #: keys of a model config that are not block options: sizes, dropout, builder keys
 _NOT_BLOCK_KEYS = {"_target_", "_partial_", "compile", "d_model", "n_layers", "n_heads", "dropout"}
 
@@ -131,10 +137,10 @@ class NanoGPT(nn.Module):
 
 # --------------------------------------------------------------------------- the models
 def build(row: str, shape: dict[str, int], vocab_size: int) -> nn.Module:
-    """The model of ``row`` (``reference | modern | nanogpt_like``) at ``shape``
-    (``{layers, heads, d_model, context, batch}``), dropout 0."""
+    """The model of ``row`` (one of :data:`ROWS`) at ``shape`` (``{layers, heads, d_model,
+    context, batch}``), dropout 0."""
     c, h, n_layers, t = shape["d_model"], shape["heads"], shape["layers"], shape["context"]
-    if row == "reference":
+    if row in REFERENCE_ROWS:
         return NanoGPT(vocab_size, c, n_layers, h, t)
     if row not in ATTNLAB_BLOCKS:
         raise ValueError(f"bench.blocks.rows: {row!r} is not one of {list(ROWS)}.")
@@ -162,6 +168,28 @@ def flops_per_token(n_params: int, shape: dict[str, int]) -> int:
 
 
 # --------------------------------------------------------------------------- timing
+def median_interval(
+    values: list[float], level: float = 0.95, resamples: int = 2000, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of the median of ``values`` (Efron & Tibshirani 1993,
+    "An Introduction to the Bootstrap", ch. 13): the ``(1 - level) / 2`` and ``(1 + level) / 2``
+    quantiles of the medians of ``resamples`` resamples with replacement (seeded, so a
+    ``bench.json`` can be recomputed). One value gives ``(v, v)``.
+
+    Raises ``ValueError`` on an empty list or a ``level`` outside (0, 1).
+    """
+    if not values:
+        raise ValueError("median_interval needs at least one value (bench.blocks.rounds >= 1).")
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level!r}.")
+    rng = random.Random(seed)
+    n = len(values)
+    meds = sorted(statistics.median(rng.choices(values, k=n)) for _ in range(resamples))
+    lo = meds[int((1 - level) / 2 * (resamples - 1))]
+    hi = meds[int(math.ceil((1 + level) / 2 * (resamples - 1)))]
+    return lo, hi
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -205,8 +233,9 @@ def compare(
     """Interleaved rounds of ``s["steps"]`` training steps per row at ``shape``.
 
     Returns ``{shape, tokens_per_step, rows: {row: {params, flops_per_token, tokens_per_s,
-    tflops, rounds_tokens_per_s, loss}}, ratios: {row: {tokens, flops}}}`` where the ratios are
-    medians over rounds of ``row / reference``.
+    tflops, rounds_tokens_per_s, loss}}, ratios: {row: {tokens, flops, tokens_ci}}}`` where the
+    ratios are medians over rounds of ``row / reference`` (tokens/s; FLOP/s) and ``tokens_ci``
+    is the 95 % bootstrap interval of the tokens/s one (:func:`median_interval`).
     """
     vocab, rows = int(s["vocab_size"]), list(s["rows"])
     if "reference" not in rows:
@@ -269,7 +298,11 @@ def compare(
     for row in rows:
         tok = [a / c for a, c in zip(per_round[row], ref)]
         f = info[row]["flops_per_token"] / ref_f
-        ratios[row] = {"tokens": statistics.median(tok), "flops": statistics.median(tok) * f}
+        ratios[row] = {
+            "tokens": statistics.median(tok),
+            "flops": statistics.median(tok) * f,
+            "tokens_ci": list(median_interval(tok)),
+        }
     res = {"shape": shape, "tokens_per_step": b * t, "rows": out_rows, "ratios": ratios}
     log(format_table([res]))
     return res
@@ -295,11 +328,12 @@ def shape_name(shape: dict[str, int]) -> str:
 
 
 def format_table(results: list[dict]) -> str:
-    """Markdown table: one line per shape and row; ratios are medians of per-round ratios."""
+    """Markdown table: one line per shape and row; ratios are medians of per-round ratios,
+    with the tokens/s ratio's 95 % bootstrap interval."""
     lines = [
         "| shape | block | N (params) | FLOPs/token | tokens/s | TFLOP/s | tokens/s ratio "
-        "| FLOP/s ratio |",
-        "|---|---|---|---|---|---|---|---|",
+        "| 95 % interval | FLOP/s ratio |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for res in results:
         for row, r in res["rows"].items():
@@ -307,6 +341,11 @@ def format_table(results: list[dict]) -> str:
             lines.append(
                 f"| {shape_name(res['shape'])} | {row} | {r['params']:,} | "
                 f"{r['flops_per_token'] / 1e6:.2f} M | {r['tokens_per_s']:,.0f} | "
-                f"{r['tflops']:.3f} | {q['tokens']:.3f} | {q['flops']:.3f} |"
+                f"{r['tflops']:.3f} | {q['tokens']:.3f} | {_interval(q)} | {q['flops']:.3f} |"
             )
     return "\n".join(lines)
+
+
+def _interval(ratio: dict[str, Any]) -> str:
+    ci = ratio.get("tokens_ci")  # absent in a bench.json written before it was recorded
+    return "" if ci is None else f"{ci[0]:.3f} – {ci[1]:.3f}"
