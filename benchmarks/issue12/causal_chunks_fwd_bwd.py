@@ -3,22 +3,10 @@
 the repo root with .venv/bin/python, as AVX2: ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2.
 usage: causal_chunks_fwd_bwd.py B H T D CHUNK ROUNDS (the flash kernel's forward and backward, whole vs query-chunked)"""
 
-import ctypes, sys, time, statistics, torch
+import sys, time, statistics, torch
 
-libc = ctypes.CDLL("libc.so.6")
-libc.mallopt(-3, 1 << 30)
-libc.mallopt(-1, (1 << 31) - 1)
+from _flash_setup import B, H, T, d, c, fa, fb, q, k, v, g, o, l
 from attnlab.attention.causal_chunks import _diagonal_mask, _bounds
-
-torch.set_num_threads(2)
-fa = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-fb = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
-B, H, T, d = map(int, sys.argv[1:5])
-c = int(sys.argv[5])
-qkv = torch.randn(B, T, 3, H, d)
-q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
-g = torch.randn(B, T, H, d).transpose(1, 2)
-o, l = fa(q, k, v, 0.0, True)
 
 
 def fwd_full():
