@@ -15,7 +15,7 @@ Why: torch 2.13's CPU backward at a few hundred tokens computes much of the uppe
 the causal mask discards (its forward skips it). With 4 chunks ``(n + c) / 2n = 0.625`` of the
 score blocks are left. Measured on a 2-core AMD EPYC run as AVX2, fp32, 2 threads, 16,384 tokens
 per call (``benchmarks/README.md``, issue 12, "1d"): the backward of one layer at 256 tokens takes
-0.77-0.88x SDPA's time, at 512 tokens 0.69-0.74x; a whole 2-layer d128 model trains 1.095x as
+0.77-0.89x SDPA's time, at 512 tokens 0.71-0.74x; a whole 2-layer d128 model trains 1.095x as
 fast at 512 tokens and 1.00-1.02x at 256.
 
 Used by :class:`~attnlab.attention.SoftmaxAttention` only where :func:`applies` holds: CPU,
